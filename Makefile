@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Both bootstrap the environment first: uv (installed with pip if missing), a .venv made from the
+# machine's python3, torch (the CPU wheel in /opt/wheels when the machine ships one, otherwise
+# PyPI), then himap itself in editable mode with its dev extras.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: env test lint demo generate clean
+
+$(BIN)/himap: pyproject.toml
+	bash scripts/bootstrap.sh
+	@touch $@
+
+env: $(BIN)/himap
+
+test: env
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: env
+	$(BIN)/ruff check src tests
+
+demo generate: env
+	HF_HUB_OFFLINE=1 $(BIN)/himap tiny-model out/tiny-llava
+	HF_HUB_OFFLINE=1 $(BIN)/himap generate --model out/tiny-llava --image out/tiny-llava/example.png \
+		--prompt "What is in the picture?" --method himap --k1 2 --r1 0.5 --k2 4 --r2 0.75 --compare
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,3 @@
+from himap.cli import main
+
+main()
