@@ -1,0 +1,454 @@
+"""Tests of :mod:`himap.flops` and the ``himap flops`` command (CPU, tiny models, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+import pytest
+import torch
+import typer
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from himap.flops import (
+    FlopsReport,
+    Layout,
+    TextDims,
+    VisionDims,
+    bytes_per_element,
+    decode_step_flops,
+    default_layout,
+    keep_count,
+    kv_cache_bytes,
+    list_presets,
+    paper_layer_flops,
+    prefill_flops,
+    schedule_for,
+)
+
+torch.set_num_threads(1)
+
+LLAVA = Layout(35, 576, 60)
+
+
+def trunc2(x: float) -> float:
+    """Two decimals by truncation, as the papers print their FLOPs (2.986 -> 2.98)."""
+    return math.floor(x * 100 + 1e-9) / 100
+
+
+def tiny_llama(attn: str = "eager"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def count_flops(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------ paper
+
+
+@pytest.fixture(scope="module")
+def dims7b() -> TextDims:
+    return TextDims.from_config("llava-1.5-7b")
+
+
+def test_paper_llava_7b_dense(dims7b):
+    report = prefill_flops(dims7b, LLAVA, convention="paper")
+    assert report.total == 32 * paper_layer_flops(576, 4096, 11008)
+    assert report.tflops == pytest.approx(2.986076, abs=1e-6)
+    # The papers print 2.98: they truncate (rounding would give 2.99).
+    assert trunc2(report.tflops) == 2.98
+    assert report.ratio == 1.0
+
+
+def test_paper_llava_7b_himap(dims7b):
+    counts = schedule_for("himap", 576, 32, k1=2, r1=0.5, k2=8, r2=0.75)
+    assert counts == [576] * 2 + [288] * 6 + [72] * 24
+    report = prefill_flops(dims7b, LLAVA, counts, convention="paper")
+    assert report.tflops == pytest.approx(0.735308, abs=1e-6)
+    assert trunc2(report.tflops) == 0.73
+    assert report.ratio == pytest.approx(0.2462, abs=1e-4)
+    assert math.floor(100 * report.ratio) == 24  # "24 %"
+
+
+def test_paper_llava_7b_fastv(dims7b):
+    counts = schedule_for("fastv", 576, 32, k=2, r=0.5)
+    assert counts == [576] * 2 + [288] * 30
+    report = prefill_flops(dims7b, LLAVA, counts, convention="paper")
+    assert report.tflops == pytest.approx(1.565969, abs=1e-6)
+    assert trunc2(report.tflops) == 1.56
+    # The issue quotes "54 %" next to 1.56 TFLOPs, but 1.56 / 2.98 is 52.4 % under the same formula:
+    # 54.0 % is what K=3 gives (1.61 TFLOPs). The TFLOPs figure is the one that reproduces.
+    assert report.ratio == pytest.approx(0.5244, abs=1e-4)
+    k3 = prefill_flops(dims7b, LLAVA, schedule_for("fastv", 576, 32, k=3, r=0.5), convention="paper")
+    assert round(100 * k3.ratio) == 54 and trunc2(k3.tflops) == 1.61
+
+
+def test_paper_llava_13b_dense():
+    dims = TextDims.from_config("llava-1.5-13b")
+    assert (dims.hidden_size, dims.intermediate_size, dims.num_layers) == (5120, 13824, 40)
+    report = prefill_flops(dims, LLAVA, convention="paper")
+    assert report.tflops == pytest.approx(5.813305, abs=1e-6)
+    assert trunc2(report.tflops) == 5.81
+
+
+def test_paper_ignores_text_tokens(dims7b):
+    a = prefill_flops(dims7b, Layout(0, 576, 0), convention="paper")
+    b = prefill_flops(dims7b, Layout(100, 576, 300), convention="paper")
+    assert a.total == b.total
+
+
+# ------------------------------------------------------------------------------------ schedules
+
+
+def test_keep_count_and_schedules():
+    assert keep_count(576, 0.5) == 288 and keep_count(288, 0.75) == 72 and keep_count(5, 0.5) == 2
+    assert schedule_for("dense", 10, 3) == [10, 10, 10]
+    assert schedule_for("vtw", 10, 4, k=2) == [10, 10, 0, 0]
+    assert schedule_for("random", 10, 3, k=1, r=0.5, seed=3) == [10, 5, 5]
+    assert schedule_for("RandomPrune", 10, 3, k=1, r=0.5) == [10, 5, 5]
+
+
+def test_schedules_match_method_classes():
+    methods = pytest.importorskip("himap.methods")
+    get_method = getattr(methods, "get_method", None)
+    if get_method is None:
+        pytest.skip("himap.methods.get_method not available yet")
+    cases = [
+        ("dense", {}),
+        ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
+        ("fastv", dict(k=3, r=0.3)),
+        ("random", dict(k=2, r=0.5)),
+    ]
+    for name, params in cases:
+        expected = get_method(name)(**params).image_tokens_schedule(576, 32)
+        assert schedule_for(name, 576, 32, **params) == expected, name
+
+
+# ------------------------------------------------------------------------------------ exact vs torch
+
+
+def test_exact_prefill_matches_torch_flop_counter():
+    model = tiny_llama("eager")
+    dims = TextDims.from_config(model.config)
+    assert (dims.num_heads, dims.num_kv_heads, dims.head_dim) == (4, 2, 16)
+    layout = Layout(5, 8, 7)
+    ids = torch.randint(0, 100, (1, layout.total), generator=torch.Generator().manual_seed(0))
+
+    # Eager attention multiplies the full s x s score matrix (the causal mask is applied after
+    # the matmul), and torch counts exactly that: compare with causal=False. The LM head runs on
+    # the last position only (logits_to_keep=1), as during generation.
+    measured = count_flops(lambda: model(ids, logits_to_keep=1))
+    full = prefill_flops(dims, layout, causal=False)
+    assert full.total == measured
+
+    # LM head on every position.
+    measured_all = count_flops(lambda: model(ids, logits_to_keep=0))
+    assert prefill_flops(dims, layout, causal=False, logits="all").total == measured_all
+
+    # The default counts only the causal triangle: s(s+1)/2 query-key pairs instead of s**2.
+    causal = prefill_flops(dims, layout)
+    s = layout.total
+    saved = dims.num_layers * 2 * 2 * dims.num_heads * dims.head_dim * (s * s - s * (s + 1) // 2)
+    assert full.total - causal.total == saved
+    assert abs(causal.total - measured) / measured < 0.05  # about 3 % here
+
+
+def test_sdpa_on_cpu_is_not_counted_by_torch():
+    # Documenting why the comparison above uses eager attention: torch's counter has no formula
+    # for the CPU SDPA kernel, so it reports the linear layers only.
+    model = tiny_llama("sdpa")
+    dims = TextDims.from_config(model.config)
+    layout = Layout(5, 8, 7)
+    ids = torch.randint(0, 100, (1, layout.total), generator=torch.Generator().manual_seed(0))
+    measured = count_flops(lambda: model(ids, logits_to_keep=1))
+    s = layout.total
+    attention = dims.num_layers * 4 * dims.num_heads * dims.head_dim * s * s
+    assert prefill_flops(dims, layout, causal=False).total - attention == measured
+
+
+def test_exact_pruned_prefill_matches_torch_flop_counter():
+    """Run the decoder layers by hand, dropping image tokens between layers like a pruned run."""
+    model = tiny_llama("eager")
+    dims = TextDims.from_config(model.config)
+    layout = Layout(5, 8, 7)
+    counts = [8, 3]
+    ids = torch.randint(0, 100, (1, layout.total), generator=torch.Generator().manual_seed(0))
+
+    def pruned_forward():
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(layout.total)[None]
+        present = layout.image
+        for layer, n in zip(model.model.layers, counts, strict=True):
+            b = layout.before
+            keep = torch.cat([torch.arange(b + n), torch.arange(b + present, b + present + layout.after)])
+            h, pos, present = h[:, keep], pos[:, keep], n
+            cos_sin = model.model.rotary_emb(h, pos)
+            out = layer(h, attention_mask=None, position_embeddings=cos_sin)
+            h = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(model.model.norm(h)[:, -1:])
+
+    measured = count_flops(pruned_forward)
+    report = prefill_flops(dims, layout, counts, causal=False)
+    assert report.total == measured
+    assert report.ratio < 1
+
+
+def test_exact_decode_step_matches_torch_flop_counter():
+    model = tiny_llama("eager")
+    dims = TextDims.from_config(model.config)
+    layout = Layout(5, 8, 7)
+    ids = torch.randint(0, 100, (1, layout.total), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        step = torch.tensor([[3]])
+        first = count_flops(lambda: model(step, past_key_values=cache, use_cache=True))
+        second = count_flops(lambda: model(step, past_key_values=cache, use_cache=True))
+    assert decode_step_flops(dims, layout).total == first
+    assert decode_step_flops(dims, layout, generated=1).total == second
+
+
+def test_vision_tower_and_projector_match_torch_flop_counter():
+    testing = pytest.importorskip("himap.testing")
+    model, processor = testing.build_tiny_llava(attn_implementation="eager", num_layers=2)
+    inputs = processor(
+        images=testing.example_image(24), text="<image> what is in the picture ?", return_tensors="pt"
+    )
+    ids = inputs["input_ids"][0]
+    image_positions = (ids == model.config.image_token_id).nonzero().flatten()
+    before = int(image_positions[0])
+    layout = Layout(before, len(image_positions), len(ids) - before - len(image_positions))
+    measured = count_flops(lambda: model(**inputs, logits_to_keep=1))
+
+    dims, vision = TextDims.from_config(model.config), VisionDims.from_config(model.config)
+    assert vision.num_image_tokens == layout.image
+    report = prefill_flops(dims, layout, causal=False, vision=vision)
+    assert report.total == measured
+    assert set(report.other) == {"lm_head", "vision_tower", "projector"}
+
+
+# ------------------------------------------------------------------------------------ KV cache
+
+
+def test_kv_bytes_match_dynamic_cache():
+    model = tiny_llama("sdpa")
+    dims = TextDims.from_config(model.config)
+    layout = Layout(5, 8, 7)
+    ids = torch.randint(0, 100, (2, layout.total), generator=torch.Generator().manual_seed(0))
+
+    def cache_bytes(cache) -> list[int]:
+        return [
+            layer.keys.numel() * layer.keys.element_size()
+            + layer.values.numel() * layer.values.element_size()
+            for layer in cache.layers
+        ]
+
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        assert cache_bytes(cache) == kv_cache_bytes(dims, layout, dtype=torch.float32, batch=2)
+        model(torch.tensor([[1], [2]]), past_key_values=cache, use_cache=True)
+        assert cache_bytes(cache) == kv_cache_bytes(dims, layout, dtype="fp32", batch=2, generated=1)
+        bf16 = model.to(torch.bfloat16)(ids[:1], use_cache=True).past_key_values
+        assert cache_bytes(bf16) == kv_cache_bytes(dims, layout, dtype=torch.bfloat16)
+
+
+def test_kv_bytes_pruned_and_batched(dims7b):
+    per_token = 2 * 32 * 128 * 2  # K and V, 32 KV heads of 128, fp16
+    counts = schedule_for("fastv", 576, 32)
+    kv = kv_cache_bytes(dims7b, LLAVA, counts)
+    assert kv[0] == per_token * 671 and kv[5] == per_token * (95 + 288)
+    batched = [[c, c // 2] for c in counts]
+    kv_b = kv_cache_bytes(dims7b, LLAVA, batched)
+    assert kv_b[5] == per_token * ((95 + 288) + (95 + 144))
+    assert (
+        bytes_per_element("bf16") == 2 and bytes_per_element(torch.float32) == 4 and bytes_per_element(1) == 1
+    )
+
+
+# ------------------------------------------------------------------------------------ batched counts
+
+
+def test_batched_counts_reduce(dims7b):
+    a, b = schedule_for("fastv", 576, 32), schedule_for("himap", 576, 32)
+    batched = [[x, y] for x, y in zip(a, b, strict=True)]
+    ra = prefill_flops(dims7b, LLAVA, a, "paper")
+    rb = prefill_flops(dims7b, LLAVA, b, "paper")
+    mean = prefill_flops(dims7b, LLAVA, batched, "paper")
+    assert mean.total == pytest.approx((ra.total + rb.total) / 2)
+    assert prefill_flops(dims7b, LLAVA, batched, "paper", batch_reduce="first").total == ra.total
+    summed = prefill_flops(dims7b, LLAVA, batched, "exact", batch_reduce="sum")
+    single = [prefill_flops(dims7b, LLAVA, c, "exact") for c in (a, b)]
+    assert summed.total == sum(r.total for r in single)
+    assert summed.dense_total == 2 * single[0].dense_total
+    assert isinstance(mean, FlopsReport) and mean.image_tokens_per_layer[-1] == (288 + 72) / 2
+
+
+# ------------------------------------------------------------------------------------ config input
+
+
+def test_presets_are_package_data():
+    root = resources.files("himap.presets")
+    assert (root / "llava-1.5-7b.json").is_file() and (root / "llava-1.5-13b.json").is_file()
+    assert {"llava-1.5-7b", "llava-1.5-13b"} <= set(list_presets())
+    vision = VisionDims.from_config("llava-1.5-7b")
+    assert (vision.hidden_size, vision.num_layers, vision.num_image_tokens) == (1024, 24, 576)
+    assert default_layout("llava-1.5-13b") == LLAVA
+
+
+def test_config_inputs(tmp_path):
+    # llava-hf configs list only non-default keys of the text model: defaults come from LlamaConfig.
+    hf = {
+        "model_type": "llava",
+        "text_config": {"model_type": "llama", "vocab_size": 32064},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "image_size": 336,
+            "patch_size": 14,
+        },
+        "vision_feature_select_strategy": "default",
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf))
+    for source in (hf, path, str(path), tmp_path):
+        dims = TextDims.from_config(source)
+        assert (dims.hidden_size, dims.intermediate_size, dims.num_layers, dims.vocab_size) == (
+            4096,
+            11008,
+            32,
+            32064,
+        )
+    assert VisionDims.from_config(path).num_image_tokens == 576
+    assert default_layout(path) == LLAVA
+    plain = {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "vocab_size": 10,
+    }
+    dims = TextDims.from_config(plain)
+    assert (dims.num_kv_heads, dims.head_dim) == (2, 4)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda d: prefill_flops(d, LLAVA, [576] * 31), "32 decoder layers"),
+        (lambda d: prefill_flops(d, LLAVA, [576] * 31 + [-1]), "negative"),
+        (lambda d: prefill_flops(d, LLAVA, [577] * 32), "exceeds layout.image"),
+        (lambda d: prefill_flops(d, LLAVA, [[576] * 32] * 2), "batch-major"),
+        (lambda d: prefill_flops(d, LLAVA, [1.5] * 32), "integer"),
+        (lambda d: prefill_flops(d, LLAVA, convention="flops"), "convention"),
+        (lambda d: prefill_flops(d, LLAVA, batch_reduce="max"), "batch_reduce"),
+        (
+            lambda d: prefill_flops(
+                d, LLAVA, convention="paper", vision=VisionDims.from_config("llava-1.5-7b")
+            ),
+            "exact",
+        ),
+        (
+            lambda d: prefill_flops(d, Layout(35, 500, 60), vision=VisionDims.from_config("llava-1.5-7b")),
+            "multiple",
+        ),
+        (lambda d: kv_cache_bytes(d, LLAVA, dtype="float17"), "dtype"),
+        (lambda d: kv_cache_bytes(d, LLAVA, [[576, 576]] * 32, batch=3), "batch"),
+        (lambda d: decode_step_flops(d, LLAVA, generated=-1), "generated"),
+        (lambda d: Layout(35, -1, 60), "layout.image"),
+        (lambda d: Layout.parse("35,576"), "before,image,after"),
+        (lambda d: TextDims.from_config("llava-9b"), "unknown preset"),
+        (lambda d: TextDims.from_config({"hidden_size": 4}), "lacks"),
+        (lambda d: schedule_for("himap", 576, 32, k1=9, k2=8), "k2"),
+        (lambda d: schedule_for("fastv", 576, 32, r=1.5), "r must"),
+        (lambda d: schedule_for("fastv", 576, 32, k=33), "k must"),
+        (lambda d: schedule_for("fastv", 576, 32, k1=2), "no parameter k1"),
+        (lambda d: schedule_for("visipruner", 576, 32), "measured"),
+        (lambda d: schedule_for("magic", 576, 32), "unknown method"),
+    ],
+)
+def test_value_errors(dims7b, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(dims7b)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def invoke(args: list[str]):
+    from himap.cli import _load_commands, app
+
+    _load_commands()
+    # A typer app with a single command and no callback runs that command at the top level.
+    prefix = ["flops"] if hasattr(typer.main.get_command(app), "list_commands") else []
+    return CliRunner().invoke(app, prefix + args)
+
+
+def test_cli_json_paper_himap():
+    args = [
+        "--preset",
+        "llava-1.5-7b",
+        "--method",
+        "himap",
+        "--k1",
+        "2",
+        "--r1",
+        "0.5",
+        "--k2",
+        "8",
+        "--r2",
+        "0.75",
+    ]
+    result = invoke([*args, "--convention", "paper", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {
+        "tflops_dense",
+        "tflops",
+        "ratio",
+        "convention",
+        "per_layer_flops",
+        "image_tokens_per_layer",
+    } <= set(data)
+    assert trunc2(data["tflops_dense"]) == 2.98 and trunc2(data["tflops"]) == 0.73
+    assert data["convention"] == "paper" and data["image_tokens_per_layer"][-1] == 72
+
+
+def test_cli_counts_file_and_table(tmp_path):
+    counts = tmp_path / "run.json"
+    counts.write_text(json.dumps({"image_tokens_per_layer": [[576]] * 2 + [[288]] * 30}))
+    result = invoke(["--preset", "llava-1.5-7b", "--counts", str(counts), "--convention", "paper", "--json"])
+    assert result.exit_code == 0, result.output
+    assert trunc2(json.loads(result.output)["tflops"]) == 1.56
+    table = invoke(
+        ["--preset", "llava-1.5-13b", "--method", "fastv", "--per-layer", "--new-tokens", "3", "--vision"]
+    )
+    assert table.exit_code == 0, table.output
+    assert "TFLOPs" in table.output and "per decoder layer" in table.output
+
+
+def test_cli_errors():
+    assert invoke(["--preset", "llava-1.5-9b", "--json"]).exit_code != 0
+    bad = invoke(["--preset", "llava-1.5-7b", "--counts", "1,2,3"])
+    assert bad.exit_code != 0 and "has 3 entries" in bad.output
