@@ -1,0 +1,23 @@
+"""Benchmark tasks and metrics for reproducing the HiMAP paper's tables.
+
+Each task (:mod:`himap.eval.tasks`) reads its data (LLaVA's evaluation layout, the benchmark's
+own release files, or a Hugging Face dataset), writes the prompt the papers used, extracts the
+prediction from generated text and computes the official metric. The metrics
+(:mod:`himap.eval.metrics`) can be used on their own. See ``README.md`` in this folder for the
+data layouts each task reads.
+"""
+
+from __future__ import annotations
+
+from .io import DataFormatError, MissingImageError
+from .tasks import Sample, Task, get_task, list_tasks, register_task
+
+__all__ = [
+    "DataFormatError",
+    "MissingImageError",
+    "Sample",
+    "Task",
+    "get_task",
+    "list_tasks",
+    "register_task",
+]
