@@ -80,3 +80,25 @@ def test_inputs_embeds_only_runs_unpruned_with_warning():
                 out = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     assert torch.equal(dense, out)
     assert run.image_tokens_per_layer == []
+
+
+def test_static_cache_is_refused_with_a_clear_error():
+    from conftest import PROMPTS, image_for, make_inputs
+
+    model, proc = tiny("llama-mha")
+    inputs = make_inputs(proc, [PROMPTS[0]], [[image_for(model, 0)]])
+    with pytest.raises(ValueError, match="needs a plain DynamicCache.*StaticCache"):
+        with torch.no_grad(), FastV(k=2, r=0.5)(model):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_generation_without_cache_and_with_beams_runs():
+    from conftest import PROMPTS, image_for, make_inputs
+
+    model, proc = tiny("llama-mha")
+    inputs = make_inputs(proc, PROMPTS[:2], [[image_for(model, 0)], [image_for(model, 1)]])
+    with torch.no_grad(), HiMAP(k1=2, r1=0.5, k2=4, r2=0.5)(model) as run:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert run.num_prefills == 3  # no cache: every step re-prunes the whole sequence (as the reference code)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+    assert out.shape[0] == 2
