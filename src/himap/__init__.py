@@ -12,6 +12,7 @@ from himap.engine import PruningRun
 from himap.families import FAMILIES, ModelFamily, resolve_family, supported_classes
 from himap.methods import (
     METHODS,
+    VTW,
     Dense,
     FastV,
     HiMAP,
@@ -19,6 +20,7 @@ from himap.methods import (
     PruningMethod,
     RandomPrune,
     ScoreRequest,
+    VisiPruner,
     get_method,
 )
 
@@ -36,6 +38,8 @@ __all__ = [
     "PruningRun",
     "RandomPrune",
     "ScoreRequest",
+    "VTW",
+    "VisiPruner",
     "__version__",
     "get_method",
     "resolve_family",

@@ -25,6 +25,13 @@ forward methods — on a stock transformers v5 model:
 Batches: every sample keeps its own index set. When samples keep different numbers of tokens,
 rows are left-filled with masked filler slots so tensors stay rectangular; fillers are masked
 out as keys everywhere and never reach the output.
+
+Several images in one sample (LLaVA-NeXT tiles, Idefics3 splits, multi-image prompts): the image
+tokens are *all* placeholder positions of the sample, whatever span they sit in; the instruction
+tokens are those after the sample's last image placeholder; a method's budget (ratio, count)
+applies to all image tokens of the sample together. Masks and positions of pruned layers follow
+the family record (:mod:`himap.families`): original rotary tables (3-D M-RoPE included), sliding
+windows measured on original positions, bidirectional image blocks where the model has them.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from himap.families import LayerMaskContext, ModelFamily, image_block_ids, layer_type, resolve_family
+from himap.families import (
+    LayerMaskContext,
+    ModelFamily,
+    image_block_ids,
+    layer_type,
+    layer_window,
+    resolve_family,
+)
 from himap.methods.base import AttentionEdit, PruningMethod, ScoreRequest
 
 _SCORE_CHUNK = 256  # query rows per chunk when scoring (bounds the (B, H, rows, L) buffer)
@@ -77,6 +91,7 @@ class _PrefillState:
     full_pos_emb: Any = None
     full_pos_ids: Any = None
     block_ids: torch.Tensor | None = None  # (B, S) image block per token (bidirectional families)
+    pos_cache: dict[Any, Any] = field(default_factory=dict)  # (segment, id) -> gathered per-type RoPE
     pending_keep: tuple[int, list[torch.Tensor | None]] | None = None  # (decided at layer, per sample)
     method_state: dict[str, Any] = field(default_factory=dict)  # LayerView.state (one prefill)
     edit_ctx: dict[int, _EditContext] = field(default_factory=dict)
@@ -162,8 +177,11 @@ def _check_cache_supported(cache: Any) -> None:
     bad = type(cache).__name__ if not isinstance(cache, DynamicCache) else None
     if bad is None and layers:
         kinds = {type(layer).__name__ for layer in layers}
-        if kinds - {"DynamicLayer"}:
-            bad = f"DynamicCache with {', '.join(sorted(kinds - {'DynamicLayer'}))} layers"
+        # sliding-window layers (Gemma3, Mistral) keep their own token count too; their masks are
+        # sized per layer (``layer_idx``) and their windows measured on original positions
+        ok = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+        if kinds - ok:
+            bad = f"DynamicCache with {', '.join(sorted(kinds - ok))} layers"
     if bad:
         raise ValueError(
             f"himap needs a plain DynamicCache (the default of generate) so that layers after a pruning "
@@ -335,7 +353,7 @@ class PruningRun:
         top, self._pending_inputs = self._pending_inputs, {}
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None else 0
-        if cache is not None and past == 0 and self.steps:
+        if cache is not None and past == 0 and (self.steps or self._dynamic_layers):
             _check_cache_supported(cache)
         device = (embeds if embeds is not None else ids).device
         mask = kwargs.get("attention_mask")
@@ -483,7 +501,14 @@ class PruningRun:
                 context=LayerMaskContext(key_positions=lay.idx, block_ids=blocks),
             )
         kwargs["attention_mask"] = st.mask_cache[key]
-        kwargs["position_embeddings"] = lay.position_embeddings
+        incoming = kwargs.get("position_embeddings")
+        if incoming is None or incoming is st.full_pos_emb:
+            kwargs["position_embeddings"] = lay.position_embeddings
+        else:  # per-layer-type rotary tables (Gemma3: local and global RoPE): gather this layer's own
+            key = (lay.segment, id(incoming[0]))
+            if key not in st.pos_cache:
+                st.pos_cache[key] = _gather_seq(incoming, lay.idx, -2)
+            kwargs["position_embeddings"] = st.pos_cache[key]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = lay.flash_position_ids if self._is_flash() else lay.position_ids
         self._layer_segments[layer_idx] = lay.segment
@@ -694,6 +719,8 @@ class PruningRun:
         scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
         softcap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
         window = getattr(attn, "sliding_window", None)
+        if window is None and getattr(attn, "layer_idx", None) is not None:  # e.g. Mistral: window in config
+            window = layer_window(self.text_config, attn.layer_idx)
         key_pos = torch.arange(length, device=keys_ok.device)
         q, k = self.family.query_key(attn, hidden, cos, sin, rows)
         q = q.float()
@@ -815,16 +842,19 @@ class PruningRun:
         layers = getattr(cache, "layers", None)
         values = getattr(layers[layer_idx], "values", None) if layers is not None and layer_idx < len(layers) else None
         length = ctx.image_slots.shape[1]
-        if not isinstance(values, torch.Tensor) or values.dim() != 4 or values.shape[-2] < length:
+        if not isinstance(values, torch.Tensor) or values.dim() != 4 or values.shape[0] != ctx.image_slots.shape[0]:
             self._warn_once(
                 "editcache",
-                "himap: cannot apply attention edits to this KV cache (unknown layout or sliding window); "
+                "himap: cannot apply attention edits to this KV cache (unknown layout); "
                 "decode steps attend to unedited image values",
             )
             return
-        view = values[:, :, :length]
-        where = ctx.image_slots[:, None, :, None]
-        view.copy_(torch.where(where, ctx.cache_fill.to(values.dtype), view))
+        n = min(int(values.shape[-2]), length)
+        # a full cache holds slots 0..length-1 first; a sliding-window layer keeps the last n slots
+        view = values[:, :, :length] if values.shape[-2] >= length else values
+        where = ctx.image_slots[:, None, length - n :, None] if n < length else ctx.image_slots[:, None, :, None]
+        fill = ctx.cache_fill[:, :, length - n :] if n < length else ctx.cache_fill
+        view.copy_(torch.where(where, fill.to(values.dtype), view))
 
     def _edit_prepare(self, layer_idx: int, attn: nn.Module, hidden: torch.Tensor, pos: Any) -> _EditContext:
         """Plan an :class:`AttentionEdit` of one layer in a prefill, without switching its kernel.

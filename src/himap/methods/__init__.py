@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from himap.methods.base import PruneStep, PruningMethod, ScoreRequest, kept_count
+from himap.methods.base import AttentionEdit, PruneStep, PruningMethod, ScoreRequest, kept_count
 from himap.methods.dense import Dense, DenseConfig
 from himap.methods.fastv import FastV, FastVConfig
 from himap.methods.himap import HiMAP, HiMAPConfig
 from himap.methods.random import RandomPrune, RandomPruneConfig
+from himap.methods.visipruner import VisiPruner, VisiPrunerConfig
+from himap.methods.vtw import VTW, VTWConfig
 
 METHODS: dict[str, type[PruningMethod]] = {
     "dense": Dense,
     "himap": HiMAP,
     "fastv": FastV,
     "random": RandomPrune,
+    "vtw": VTW,
+    "visipruner": VisiPruner,
 }
 
 
@@ -32,6 +36,8 @@ def get_method(name: str) -> type[PruningMethod]:
 
 __all__ = [
     "METHODS",
+    "VTW",
+    "AttentionEdit",
     "Dense",
     "DenseConfig",
     "FastV",
@@ -43,6 +49,9 @@ __all__ = [
     "RandomPrune",
     "RandomPruneConfig",
     "ScoreRequest",
+    "VTWConfig",
+    "VisiPruner",
+    "VisiPrunerConfig",
     "get_method",
     "kept_count",
 ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 if TYPE_CHECKING:
-    from himap.engine import PruningRun
+    from himap.engine import LayerView, PruningRun
 
 QuerySet = Literal["instruction", "image", "last", "all"]
 
@@ -67,6 +67,48 @@ class PruneStep:
 
     layer: int
     score: ScoreRequest | None
+
+
+@dataclass(frozen=True)
+class AttentionEdit:
+    """Post-softmax edits of one layer's attention between text queries and image keys.
+
+    The weights are edited *after* the softmax and not renormalised (a dropped key still counts in
+    the softmax denominator). Edits apply to every query of the layer, prefill and decode steps
+    alike (generated tokens are text queries). The engine applies them without switching the
+    model's attention kernel; see :class:`himap.engine.PruningRun`.
+
+    Parameters
+    ----------
+    text_to_image : {"keep", "drop", "merge"}
+        Weights of non-image queries on image keys. ``"drop"`` zeroes them; ``"merge"`` moves
+        their sum onto one image key, the *sink* (``o_i = Σ_text a_ij v_j + (Σ_img a_ij) v_sink``).
+    image_to_image : {"keep", "drop"}
+        Weights of image queries on image keys (``"drop"`` zeroes all of them, the diagonal
+        included).
+    sink : int
+        The sink of ``"merge"``: index into the image tokens of the sample's *first* image span
+        (0 = its first token), so that it precedes every query that sees an image.
+    """
+
+    text_to_image: Literal["keep", "drop", "merge"] = "keep"
+    image_to_image: Literal["keep", "drop"] = "keep"
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        if self.text_to_image not in ("keep", "drop", "merge"):
+            raise ValueError(
+                f"AttentionEdit.text_to_image must be 'keep', 'drop' or 'merge'; got {self.text_to_image!r}"
+            )
+        if self.image_to_image not in ("keep", "drop"):
+            raise ValueError(f"AttentionEdit.image_to_image must be 'keep' or 'drop'; got {self.image_to_image!r}")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"AttentionEdit.sink must be an integer >= 0; got {self.sink!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the edit changes nothing."""
+        return self.text_to_image == "keep" and self.image_to_image == "keep"
 
 
 def kept_count(n: int, ratio: float) -> int:
@@ -126,9 +168,15 @@ class PruningMethod(ABC):
 
         with HiMAP(k1=2, r1=0.5, k2=8, r2=0.75)(model) as run:
             model.generate(**inputs)
+
+    Two optional extensions: a method whose decisions depend on the input at layers it cannot
+    name in advance sets ``dynamic = True`` and implements :meth:`on_layer` (VisiPruner); a method
+    that edits attention weights between text and image tokens returns them from
+    :meth:`attention_edits`.
     """
 
     name: ClassVar[str] = "method"
+    dynamic: ClassVar[bool] = False
     config: Any
 
     # ------------------------------------------------------------------ engine contract
@@ -158,6 +206,28 @@ class PruningMethod(ABC):
         """
         raise NotImplementedError
 
+    def attention_edits(self) -> dict[int, AttentionEdit]:
+        """Post-softmax attention edits per decoder layer (default: none). See :class:`AttentionEdit`."""
+        return {}
+
+    def on_layer(self, layer: int, view: LayerView) -> list[torch.Tensor | None] | None:
+        """Input-dependent decisions of a *dynamic* method (``dynamic = True``), once per prefill layer.
+
+        The engine calls this in every prefill, in layer order, from the attention pre-hook of
+        each layer that may still decide (layers ``first - 1 ... L - 2``, where ``first`` is the
+        first layer tokens may be dropped from). ``view`` exposes that layer's image tokens and
+        lazily computed quantities (see :class:`himap.engine.LayerView`); ``view.state`` is a
+        dict that lives for one prefill and ``view.record`` is ``run.record``.
+
+        Returns
+        -------
+        list of (LongTensor or None), one per sample, or None
+            For a sample, the indices (into its image tokens present in this layer, sequence
+            order) to keep from layer ``layer + 1`` on; ``None`` keeps them all. Returning
+            ``None`` changes nothing for any sample.
+        """
+        return None
+
     # ------------------------------------------------------------------ validation
     def validate_for_model(self, num_layers: int) -> None:
         """Check the configuration against a model with ``num_layers`` decoder layers.
@@ -183,6 +253,8 @@ class PruningMethod(ABC):
         Returns ``None`` for methods whose counts depend on the input. Used by
         :mod:`himap.flops`; the engine reports measured counts in ``run.image_tokens_per_layer``.
         """
+        if self.dynamic:
+            return None
         counts = []
         present = num_image_tokens
         steps = {s.layer: i for i, s in enumerate(self.steps())}
