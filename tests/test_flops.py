@@ -20,8 +20,10 @@ from himap.flops import (
     bytes_per_element,
     decode_step_flops,
     default_layout,
+    flops_ratio_for_run,
     keep_count,
     kv_cache_bytes,
+    layout_from_inputs,
     list_presets,
     paper_layer_flops,
     prefill_flops,
@@ -279,6 +281,62 @@ def test_kv_bytes_pruned_and_batched(dims7b):
     assert (
         bytes_per_element("bf16") == 2 and bytes_per_element(torch.float32) == 4 and bytes_per_element(1) == 1
     )
+
+
+def test_kv_bytes_equal_real_cache_after_pruned_prefill():
+    """KV bytes equal the sizes of the real cache tensors after a pruned prefill (engine)."""
+    from himap.methods import FastV, HiMAP
+    from himap.testing import build_tiny_llava, example_image
+
+    model, processor = build_tiny_llava(num_layers=6, num_heads=4, num_kv_heads=2, image_size=16)
+    dims = TextDims.from_config(model.config)
+    inputs = processor(
+        images=[example_image(16)], text="user : <image> what is in the picture ? assistant :", return_tensors="pt"
+    )
+    layout = layout_from_inputs(inputs["input_ids"], model.config.image_token_id)
+    assert layout.image == 16 and layout.before > 0 and layout.after > 0
+    for method in (HiMAP(k1=2, r1=0.5, k2=4, r2=0.75), FastV(k=3, r=0.75)):
+        with torch.no_grad(), method(model) as run:
+            cache = model(**inputs, use_cache=True).past_key_values
+        counts = [c[0] for c in run.image_tokens_per_layer]
+        assert counts[-1] < layout.image
+        real = [layer.keys.nbytes + layer.values.nbytes for layer in cache.layers]
+        assert real == kv_cache_bytes(dims, layout, counts, dtype=torch.float32)
+        assert sum(real) < sum(kv_cache_bytes(dims, layout, dtype=torch.float32))
+
+
+def test_layout_from_inputs_and_flops_ratio_for_run():
+    from himap.methods import Dense, HiMAP
+    from himap.testing import build_tiny_llava, example_image
+
+    model, processor = build_tiny_llava(num_layers=6, image_size=16)
+    img = model.config.image_token_id
+    ids = torch.tensor([[0, 0, 5, 6, img, img, img, 7, 8, 9], [5, 6, 7, img, img, img, 8, img, img, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    assert layout_from_inputs(ids, img, mask) == Layout(2, 3, 3)  # left padding not counted
+    assert layout_from_inputs(ids, img, mask, sample=1) == Layout(3, 5, 2)  # text between images is "after"
+    assert layout_from_inputs(ids[1], img) == Layout(3, 5, 2)
+    assert layout_from_inputs(torch.tensor([[1, 2, 3]]), img) == Layout(3, 0, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        layout_from_inputs(ids, img, sample=2)
+
+    inputs = processor(
+        images=[example_image(16)], text="user : <image> what is in the picture ? assistant :", return_tensors="pt"
+    )
+    method = HiMAP(k1=2, r1=0.5, k2=4, r2=0.75)
+    with torch.no_grad(), method(model) as run:
+        model(**inputs)
+    counts = [c[0] for c in run.image_tokens_per_layer]
+    layout = layout_from_inputs(inputs["input_ids"], img)
+    expected = prefill_flops(TextDims.from_config(model.config), layout, counts).ratio
+    assert flops_ratio_for_run(model, inputs, counts) == pytest.approx(expected)
+    assert flops_ratio_for_run(model, inputs, run.image_tokens_per_layer) == pytest.approx(expected)
+    assert 0 < expected < 1
+    paper = flops_ratio_for_run(model, inputs, counts, convention="paper")
+    assert paper == pytest.approx(prefill_flops(TextDims.from_config(model.config), layout, counts, "paper").ratio)
+    with torch.no_grad(), Dense()(model) as dense:
+        model(**inputs)
+    assert flops_ratio_for_run(model, inputs, [c[0] for c in dense.image_tokens_per_layer]) == 1.0
 
 
 # ------------------------------------------------------------------------------------ batched counts

@@ -80,8 +80,10 @@ __all__ = [
     "LLAVA_15_LAYOUT",
     "decode_step_flops",
     "default_layout",
+    "flops_ratio_for_run",
     "keep_count",
     "kv_cache_bytes",
+    "layout_from_inputs",
     "list_presets",
     "load_config",
     "paper_layer_flops",
@@ -1152,3 +1154,98 @@ def default_layout(config: Any) -> Layout:
     except ValueError:
         image = LLAVA_15_LAYOUT.image
     return Layout(LLAVA_15_LAYOUT.before, image, LLAVA_15_LAYOUT.after)
+
+
+# ---------------------------------------------------------------------------------------------
+# from a model run
+# ---------------------------------------------------------------------------------------------
+def layout_from_inputs(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    attention_mask: torch.Tensor | None = None,
+    sample: int = 0,
+) -> Layout:
+    """The :class:`Layout` of one sample of a processed batch.
+
+    ``before`` counts the (non-padding) tokens before the first image token, ``image`` every
+    image token, and ``after`` every other non-padding token (the instruction, and any text
+    between images, which the exact convention treats like any text token).
+
+    Parameters
+    ----------
+    input_ids : LongTensor, shape (B, S) or (S,)
+    image_token_id : int
+        The model's image placeholder token.
+    attention_mask : Tensor, shape like ``input_ids``, optional
+        Padding positions (0) are not counted.
+    sample : int
+        Row of the batch.
+
+    Returns
+    -------
+    Layout
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if not 0 <= sample < ids.shape[0]:
+        raise ValueError(f"sample={sample} is out of range for a batch of {ids.shape[0]}")
+    row = ids[sample]
+    real = torch.ones_like(row, dtype=torch.bool)
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask)
+        real = (mask[None] if mask.dim() == 1 else mask)[sample].to(row.device).bool()
+    is_image = (row == int(image_token_id)) & real
+    n_image = int(is_image.sum())
+    if n_image:
+        first = int(torch.nonzero(is_image).flatten()[0])
+        before = int(real[:first].sum())
+    else:
+        before = int(real.sum())
+    return Layout(before, n_image, int(real.sum()) - before - n_image)
+
+
+def flops_ratio_for_run(
+    model: Any,
+    inputs: Mapping[str, Any],
+    image_tokens_per_layer: Counts,
+    convention: Convention = "exact",
+    *,
+    sample: int = 0,
+) -> float:
+    """Prefill FLOPs of a pruned run over the dense prefill of the same input.
+
+    The layout comes from ``inputs`` (:func:`layout_from_inputs`, sample ``sample``), the text
+    dimensions from the model's text config, and the counts are what the engine measured
+    (``[c[sample] for c in run.image_tokens_per_layer]``, or the batched list itself).
+
+    Parameters
+    ----------
+    model : transformers model
+        A supported multimodal model (its config has an ``image_token_id``).
+    inputs : mapping
+        The processor's output (``input_ids``, optionally ``attention_mask``).
+    image_tokens_per_layer : list of int, or list over layers of lists over the batch
+        Image tokens present in each decoder layer; batched counts are reduced to ``sample``.
+    convention : {"exact", "paper"}
+        See the module docstring; the exact convention counts the LM head on the last position.
+    sample : int
+        Which sample of the batch (layout and, for batched counts, the counts).
+
+    Returns
+    -------
+    float
+        ``prefill_flops(...).ratio``: 1.0 for dense.
+    """
+    config = model.config
+    token_id = getattr(config, "image_token_id", None)
+    if token_id is None:
+        token_id = getattr(config, "image_token_index", None)
+    if token_id is None:
+        raise ValueError("the model config has no image_token_id: cannot locate image tokens in the inputs")
+    layout = layout_from_inputs(inputs["input_ids"], int(token_id), inputs.get("attention_mask"), sample)
+    counts: Any = image_tokens_per_layer
+    if counts and isinstance(counts[0], Sequence):
+        counts = [int(c[sample]) for c in counts]
+    dims = TextDims.from_config(config)
+    return prefill_flops(dims, layout, counts, convention).ratio

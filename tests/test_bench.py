@@ -1,0 +1,320 @@
+"""Tests of :mod:`himap.bench` and ``himap bench`` (tiny models, one or two rounds, CPU)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from himap.bench import (
+    ReferenceStyle,
+    RowSpec,
+    Stat,
+    build_rows,
+    default_method_args,
+    greedy_generate,
+    measure_run,
+    reference_generate,
+    run_benchmark,
+)
+from himap.flops import Layout, TextDims, kv_cache_bytes, layout_from_inputs
+from himap.methods import METHODS, Dense, FastV, HiMAP, RandomPrune
+from himap.testing import build_tiny_llava, example_image
+
+torch.set_num_threads(1)  # 2 shared cores: two threads oversubscribe them and time out of all proportion
+
+PROMPT = "user : <image> what is in the picture ? answer with one word . assistant :"
+_MODELS: dict[str, tuple] = {}
+
+
+def tiny(attn: str = "sdpa"):
+    if attn not in _MODELS:
+        _MODELS[attn] = build_tiny_llava(
+            num_layers=6, num_heads=4, num_kv_heads=2, image_size=24, attn_implementation=attn
+        )
+    return _MODELS[attn]
+
+
+def inputs_for(proc, seed: int = 0, prompt: str = PROMPT):
+    return dict(proc(images=[example_image(24, seed)], text=prompt, return_tensors="pt"))
+
+
+def attn_impls(model) -> tuple:
+    c = model.config
+    return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+
+def hook_count(model) -> int:
+    """Hooks on the model, not counting the output recorders transformers installs for good."""
+    hooks = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    return sum("output_capturing" not in getattr(h, "__qualname__", "") for h in hooks)
+
+
+# ------------------------------------------------------------------------------------ reference style
+@pytest.mark.parametrize(
+    "method",
+    [
+        HiMAP(k1=2, r1=0.5, k2=4, r2=0.75),
+        HiMAP(k1=1, r1=0.4, k2=3, r2=0.5, swap_criteria=True),
+        FastV(k=2, r=0.5),
+        FastV(k=3, r=0.7, criterion="mean_received"),
+        RandomPrune(k=2, r=0.5),
+    ],
+    ids=["himap", "himap-swapped", "fastv-last", "fastv-mean", "random"],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_style_keeps_the_engine_tokens(method, seed):
+    model, proc = tiny()
+    inputs = inputs_for(proc, seed)
+    before = hook_count(model)
+    with torch.no_grad(), method(model) as run:
+        model(**inputs)
+    with torch.no_grad(), ReferenceStyle(method)(model) as ref:
+        assert attn_impls(model) == ("eager", "eager", "eager")
+        model(**inputs, use_cache=False, output_attentions=True)
+    assert attn_impls(model) == ("sdpa", "sdpa", "sdpa")
+    assert hook_count(model) == before
+    assert ref.image_tokens_per_layer == run.image_tokens_per_layer
+    assert ref.image_tokens_per_layer[-1][0] < ref.image_tokens_per_layer[0][0]
+    for ours, theirs in zip(run.layer_positions, ref.layer_positions, strict=True):
+        assert torch.equal(ours[0], theirs[0])
+
+
+def test_reference_generate_equals_generate_without_cache():
+    model, proc = tiny()
+    inputs = inputs_for(proc)
+    method = HiMAP(k1=2, r1=0.5, k2=4, r2=0.75)
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with method(model):
+            expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)[:, n:]
+        with ReferenceStyle(method)(model) as ref:
+            tokens = reference_generate(model, inputs, 4)
+    assert torch.equal(tokens, expected)
+    assert ref.num_prefills == 4  # re-pruned at every generated token
+
+
+def test_reference_style_limits():
+    model, proc = tiny()
+    with pytest.raises(ValueError, match="static methods"):
+        ReferenceStyle(METHODS["visipruner"]())
+    with pytest.raises(ValueError, match="PruningMethod"):
+        ReferenceStyle("himap")
+    batch = proc(
+        images=[example_image(24, 0), example_image(24, 1)], text=[PROMPT, PROMPT], return_tensors="pt"
+    )
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad(), ReferenceStyle(FastV())(model):
+        model(**batch, use_cache=False)
+    assert attn_impls(model) == ("sdpa", "sdpa", "sdpa")
+
+
+# ------------------------------------------------------------------------------------ one run
+def test_greedy_generate_equals_generate():
+    model, proc = tiny()
+    inputs = inputs_for(proc)
+    n = inputs["input_ids"].shape[1]
+    for method in (Dense(), HiMAP(k1=2, r1=0.5, k2=4, r2=0.75), METHODS["vtw"](k=3)):
+        with torch.no_grad(), method(model):
+            expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, n:]
+            tokens, _ = greedy_generate(model, inputs, 5)
+        assert torch.equal(tokens, expected), method
+
+
+def test_measure_run_kv_bytes_equal_prediction():
+    model, proc = tiny()
+    inputs = inputs_for(proc)
+    dims = TextDims.from_config(model.config)
+    layout = layout_from_inputs(inputs["input_ids"], model.config.image_token_id)
+    for row in (RowSpec("dense", "dense"), RowSpec("fastv", "fastv", {"k": 2, "r": 0.75})):
+        m = measure_run(model, inputs, row, 3)
+        assert m.kv_bytes == sum(kv_cache_bytes(dims, layout, m.image_tokens_per_layer, dtype=torch.float32))
+        assert m.new_tokens == 3 and len(m.tokens) == 3
+        assert 0 < m.prefill_s <= m.ttft_s <= m.e2e_s
+        assert m.decode_tokens_per_s == pytest.approx(2 / m.decode_s)
+    ref = measure_run(
+        model, inputs, RowSpec("fastv (reference-style)", "fastv", {"k": 2, "r": 0.75}, "reference"), 2
+    )
+    assert ref.kv_bytes == 0 and ref.image_tokens_per_layer == m.image_tokens_per_layer
+
+
+# ------------------------------------------------------------------------------------ rows and stats
+def test_default_args_and_rows():
+    assert default_method_args("himap", 32) == {"k1": 2, "r1": 0.5, "k2": 8, "r2": 0.75}
+    assert default_method_args("himap", 8)["k2"] == 3
+    assert default_method_args("vtw", 32) == {"k": 16}
+    assert default_method_args("fastv", 6) == {"k": 2, "r": 0.5}
+    rows = build_rows(["himap", "fastv"], 12, {"himap": {"k2": 6}}, reference=["himap"])
+    assert [r.name for r in rows] == ["dense", "himap", "fastv", "himap (reference-style)"]
+    assert rows[1].args["k2"] == 6 and rows[3].style == "reference" and rows[3].args == rows[1].args
+    assert isinstance(rows[3].build(), ReferenceStyle)
+    with pytest.raises(ValueError, match="not in the methods"):
+        build_rows(["himap"], 12, {"fastv": {"k": 3}})
+    with pytest.raises(ValueError, match="not in the methods"):
+        build_rows(["himap"], 12, reference=["fastv"])
+    with pytest.raises(ValueError, match="out of range"):
+        build_rows(["fastv"], 4, {"fastv": {"k": 9}})
+    with pytest.raises(ValueError, match="unknown method"):
+        build_rows(["nope"], 4)
+
+
+def test_stat():
+    s = Stat.of([4.0, 1.0, 3.0, 2.0, None])
+    assert (s.median, s.p25, s.p75, s.min, s.max, s.n) == (2.5, 1.75, 3.25, 1.0, 4.0, 4)
+    assert Stat.of([]).median is None
+    assert s.scaled(10).median == 25.0
+
+
+# ------------------------------------------------------------------------------------ benchmark
+def test_run_benchmark_structure():
+    model, proc = tiny()
+    samples = [inputs_for(proc, 0), inputs_for(proc, 1, "<image> describe the image")]
+    rows = build_rows(["himap", "vtw"], 6, reference=["himap"])
+    ticks = []
+    result = run_benchmark(model, samples, rows, repeats=2, warmup=1, max_new_tokens=2, progress=ticks.append)
+    n_rows = len(rows)
+    assert n_rows == 4 and len(ticks) == n_rows * (1 + 2 * 2 + 2)
+    assert len(result.measurements) == n_rows * 2 * 2
+    d = result.to_dict()
+    json.dumps(d)
+    assert {
+        "model",
+        "settings",
+        "environment",
+        "layouts",
+        "rows",
+        "summary",
+        "measurements",
+        "memory_bytes",
+    } <= set(d)
+    columns = {
+        "prefill_ms",
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "e2e_ms",
+        "peak_memory_bytes",
+        "kv_bytes",
+        "flops_ratio",
+        "ideal_speedup",
+        "prefill_speedup",
+        "measured_over_ideal",
+    }
+    summary = {s.row: s for s in result.summary}
+    for row in rows:
+        s = summary[row.name]
+        assert columns <= set(d["summary"][0])
+        raw = [m for m in result.measurements if m.row == row.name]
+        assert s.runs == len(raw) == 4
+        assert s.prefill_ms.median == pytest.approx(statistics.median(m.prefill_s * 1e3 for m in raw))
+        assert s.e2e_ms.median == pytest.approx(statistics.median(m.e2e_s * 1e3 for m in raw))
+        assert s.peak_memory_bytes.n == 2
+        pairs = [
+            next(
+                b for b in result.measurements if (b.row, b.sample, b.repeat) == ("dense", m.sample, m.repeat)
+            ).prefill_s
+            / m.prefill_s
+            for m in raw
+        ]
+        assert s.prefill_speedup.median == pytest.approx(statistics.median(pairs))
+        assert s.ideal_speedup == pytest.approx(1 / s.flops_ratio)
+        assert s.measured_over_ideal == pytest.approx(s.prefill_speedup.median / s.ideal_speedup)
+    assert summary["dense"].flops_ratio == 1.0 and summary["dense"].prefill_speedup.median == 1.0
+    ref = summary["himap (reference-style)"]
+    assert ref.flops_ratio == summary["himap"].flops_ratio < 1
+    assert ref.image_tokens_per_layer == summary["himap"].image_tokens_per_layer
+    assert ref.kv_bytes == 0 and ref.kv_ratio == 0
+    # KV bytes of the real caches equal the calculator's prediction
+    for name, predicted in result.kv_predicted_bytes.items():
+        measured = sorted({(m.sample, m.kv_bytes) for m in result.measurements if m.row == name})
+        assert [kv for _, kv in measured] == predicted
+    assert summary["vtw"].kv_ratio < 1 and summary["himap"].kv_ratio < 1 and summary["dense"].kv_ratio == 1
+    layout = Layout(**result.layouts[0])
+    assert layout.image == 36
+
+
+def test_run_benchmark_rejects_bad_input():
+    model, proc = tiny()
+    rows = [RowSpec("himap", "himap", {"k1": 2, "k2": 4})]
+    with pytest.raises(ValueError, match="baseline"):
+        run_benchmark(model, [inputs_for(proc)], rows, repeats=1)
+    with pytest.raises(ValueError, match="at least one sample"):
+        run_benchmark(model, [], [RowSpec("dense", "dense")])
+
+
+# ------------------------------------------------------------------------------------ CLI
+def invoke(args: list[str]):
+    from himap.cli import _load_commands, app
+
+    _load_commands()
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+TINY = ["--tiny", "--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "2", "--n", "1"]
+FAST = ["--repeats", "1", "--warmup", "0", "--max-new-tokens", "2"]
+
+
+def test_cli_tiny_writes_json_and_png(tmp_path):
+    out = tmp_path / "bench"
+    result = invoke(
+        [
+            *TINY,
+            *FAST,
+            "--image-tokens",
+            "16",
+            "--methods",
+            "himap,fastv",
+            "--method-arg",
+            "himap.k2=3",
+            "--reference",
+            "fastv",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert [s["row"] for s in printed["runs"][0]["summary"]] == [
+        "dense",
+        "himap",
+        "fastv",
+        "fastv (reference-style)",
+    ]
+    data = json.loads((out / "bench.json").read_text())
+    run = data["runs"][0]
+    assert run["summary"][1]["args"]["k2"] == 3
+    assert len(run["measurements"]) == 4 and run["settings"]["image_tokens"] == 16
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fastv (reference-style) |" in (out / "bench.md").read_text()
+
+
+def test_cli_sweep_and_table(tmp_path):
+    result = invoke(
+        [*TINY, *FAST, "--no-memory", "--sweep", "4,16", "--methods", "fastv", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "measured/ideal" in result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["settings"]["image_tokens"] for r in data["runs"]] == [4, 16]
+    assert (tmp_path / "bench.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "x"], "either --model"),
+        (["--tiny", "--model", "m", "--out", "x"], "either --model"),
+        (["--model", "/nonexistent", "--sweep", "16", "--out", "x"], "use it with --tiny"),
+        (["--tiny", "--sweep", "15", "--out", "x"], "squares"),
+        (["--tiny", "--methods", "nope", "--out", "x"], "unknown method"),
+        (["--tiny", "--method-arg", "k1=2", "--out", "x"], "METHOD.KEY=VALUE"),
+        (["--tiny", "--reference", "fastv", "--methods", "himap", "--out", "x"], "not in the methods"),
+    ],
+)
+def test_cli_errors(args, message):
+    result = invoke(args)
+    assert result.exit_code == 2
+    assert message in result.output
