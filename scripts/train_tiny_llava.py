@@ -1,0 +1,469 @@
+"""Train the tiny LLaVA of himap from scratch on the synthetic scene-QA benchmark (CPU).
+
+The model is a stock :class:`~transformers.LlavaForConditionalGeneration` (shape in
+:class:`himap.tinyllava.TrainedTinyLlavaSpec`: 48 px images, patch 4 -> 144 image tokens,
+CLIP vision tower, 8-layer Llama text model). Training data are fresh train-split scenes
+every step (the train split is effectively infinite), each scene written as a multi-turn
+conversation with one question per family in random order; the loss is on answer tokens
+(and the EOS after them) only. AdamW, linear warmup then cosine decay.
+
+Reproducible: batch ``s`` is a pure function of ``(--seed, s)``, the initialisation of
+``--seed``. Resumable: ``--out-dir/checkpoint.pt`` (model, optimizer, RNG states, step,
+elapsed time, history) is written every ``--ckpt-minutes`` and read back automatically when
+the script is started again with the same ``--out-dir``.
+
+Outputs in ``--out-dir``: ``checkpoint.pt``, ``best/`` (``save_pretrained`` of the model with
+the best validation accuracy so far, plus processor files), ``final/`` (at the end),
+``history.jsonl`` (one line per validation), and the log on stdout.
+
+Example::
+
+    nohup nice -n 10 .venv/bin/python scripts/train_tiny_llava.py --out-dir runs/tiny-llava \\
+        --threads 1 > runs/tiny-llava/train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from himap.data.synthetic import FAMILIES, SceneQAConfig, generate_questions, generate_scenes, load_synthetic
+from himap.tinyllava import (
+    TrainedTinyLlavaSpec,
+    build_model,
+    build_processor,
+    format_conversation,
+    format_prompt,
+)
+
+CHUNK_SCENES = 4096  # training scenes are generated in chunks of this many (one config seed each)
+DESCRIBE_QUESTION = "What is in the image?"
+
+
+def describe(objects: list[dict[str, Any]]) -> str:
+    """Scene description used as an auxiliary training answer: objects in reading order.
+
+    ``"small red circle . large blue square"`` (objects sorted by grid row, then column).
+    """
+    ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
+    return " . ".join(f"{o['size']} {o['color']} {o['shape']}" for o in ordered)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    spec = TrainedTinyLlavaSpec()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0, help="init, data and everything else")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    # shape
+    p.add_argument("--image-size", type=int, default=spec.image_size)
+    p.add_argument("--patch-size", type=int, default=spec.patch_size)
+    p.add_argument("--vision-hidden", type=int, default=spec.vision_hidden)
+    p.add_argument("--vision-intermediate", type=int, default=spec.vision_intermediate)
+    p.add_argument("--vision-layers", type=int, default=spec.vision_layers)
+    p.add_argument("--vision-heads", type=int, default=spec.vision_heads)
+    p.add_argument("--hidden-size", type=int, default=spec.hidden_size)
+    p.add_argument("--intermediate-size", type=int, default=spec.intermediate_size)
+    p.add_argument("--num-layers", type=int, default=spec.num_layers)
+    p.add_argument("--num-heads", type=int, default=spec.num_heads)
+    p.add_argument("--num-kv-heads", type=int, default=spec.num_kv_heads)
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=32, help="scenes (conversations) per step")
+    p.add_argument(
+        "--curriculum",
+        default="",
+        help="max objects per scene by step, e.g. '1:100,2:250,3:400' (then 4); empty: none",
+    )
+    p.add_argument(
+        "--describe",
+        action="store_true",
+        help="add a last turn 'What is in the image?' answered with the object list (auxiliary loss)",
+    )
+    p.add_argument("--turns", type=int, default=len(FAMILIES), help="questions per scene (<= 5)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--max-steps", type=int, default=3000, help="length of the cosine schedule")
+    p.add_argument(
+        "--max-minutes", type=float, default=0.0, help="stop after this much training time (0: none)"
+    )
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    # evaluation / checkpoints
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validations")
+    p.add_argument("--val-n", type=int, default=500, help="validation questions")
+    p.add_argument("--target", type=float, default=0.97, help="stop when validation accuracy reaches this")
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    if not 1 <= args.turns <= len(FAMILIES):
+        p.error(f"--turns must be in [1, {len(FAMILIES)}]")
+    return args
+
+
+def spec_from_args(args: argparse.Namespace) -> TrainedTinyLlavaSpec:
+    """The model shape named by the arguments."""
+    return TrainedTinyLlavaSpec(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        vision_hidden=args.vision_hidden,
+        vision_intermediate=args.vision_intermediate,
+        vision_layers=args.vision_layers,
+        vision_heads=args.vision_heads,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        seed=args.seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """Parse ``"1:100,2:250"`` into ``[(max_objects, until_step), ...]`` (sorted by step)."""
+    stages = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        objects, until = part.split(":")
+        stages.append((int(objects), int(until)))
+    return sorted(stages, key=lambda st: st[1])
+
+
+class TrainStream:
+    """Training batches as a pure function of ``(seed, step)``.
+
+    Scene ``g`` (global index ``step * batch_size + i``) is scene ``g % CHUNK_SCENES`` of the
+    train split generated with config seed ``1 + seed * 100_000 + g // CHUNK_SCENES`` (and the
+    curriculum's ``max_objects`` of the step); splits are content-disjoint whatever the seed,
+    so no validation or test scene is ever trained on.
+
+    Parameters
+    ----------
+    curriculum : list of (max_objects, until_step)
+        Scenes of steps before ``until_step`` have at most ``max_objects`` objects (the first
+        matching stage applies); afterwards the benchmark default (4).
+    describe : bool
+        Append a last turn ``"What is in the image?"`` answered by :func:`describe` (an
+        auxiliary, caption-like target: many image-grounded tokens per scene).
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        turns: int,
+        image_size: int,
+        curriculum: list[tuple[int, int]] | None = None,
+        describe: bool = False,
+    ) -> None:
+        self.seed = seed
+        self.batch_size = batch_size
+        self.turns = turns
+        self.image_size = image_size
+        self.curriculum = curriculum or []
+        self.describe = describe
+        self._key: tuple[int, int] | None = None
+        self._chunk: list[dict[str, Any]] = []
+        self._config: SceneQAConfig | None = None
+
+    def max_objects(self, step: int) -> int:
+        """Maximum objects per scene at a step."""
+        for objects, until in self.curriculum:
+            if step < until:
+                return objects
+        return SceneQAConfig().max_objects
+
+    def _scene(self, g: int, step: int) -> tuple[dict[str, Any], SceneQAConfig]:
+        key = (g // CHUNK_SCENES, self.max_objects(step))
+        if key != self._key:
+            families = FAMILIES if key[1] >= 2 else tuple(f for f in FAMILIES if f != "spatial")
+            self._config = SceneQAConfig(
+                image_size=self.image_size,
+                seed=1 + self.seed * 100_000 + key[0],
+                max_objects=key[1],
+                families=families,
+            )
+            self._chunk = generate_scenes(CHUNK_SCENES, "train", self._config)
+            self._key = key
+        assert self._config is not None
+        return self._chunk[g % CHUNK_SCENES], self._config
+
+    def batch(self, step: int) -> tuple[list[Image.Image], list[str], list[list[str]]]:
+        """Images, conversation texts and the families asked (in turn order) of one step."""
+        images, texts, families = [], [], []
+        for i in range(self.batch_size):
+            g = step * self.batch_size + i
+            scene, config = self._scene(g, step)
+            rng = np.random.default_rng([self.seed, 7, g])
+            order = [FAMILIES[int(k)] for k in rng.permutation(len(FAMILIES))]
+            qs = generate_questions(scene, rng, order, config=config)[: self.turns]
+            turns = [(q["question"], q["answer"]) for q in qs]
+            if self.describe:  # last, so that no question turn can read the answer from it
+                turns.append((DESCRIBE_QUESTION, describe(scene["objects"])))
+            images.append(scene["image"])
+            texts.append(format_conversation(turns))
+            families.append([q["family"] for q in qs] + (["describe"] if self.describe else []))
+        return images, texts, families
+
+
+def answer_labels(input_ids: torch.Tensor, assistant_id: int, colon_id: int, eos_id: int) -> torch.Tensor:
+    """Labels on answer tokens (from after ``ASSISTANT :`` up to and including EOS); -100 elsewhere."""
+    starts = torch.zeros_like(input_ids)
+    starts[:, 2:] = ((input_ids[:, :-2] == assistant_id) & (input_ids[:, 1:-1] == colon_id)).long()
+    eos = (input_ids == eos_id).long()
+    inside = starts.cumsum(1) > (eos.cumsum(1) - eos)  # an answer started and its EOS not yet passed
+    return torch.where(inside, input_ids, torch.full_like(input_ids, -100))
+
+
+def encode_train(processor, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded training batch with answer-only labels."""
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    try:
+        enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = "left"
+    enc["labels"] = answer_labels(
+        enc["input_ids"],
+        tok.convert_tokens_to_ids("ASSISTANT"),
+        tok.convert_tokens_to_ids(":"),
+        tok.eos_token_id,
+    )
+    return dict(enc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (answer-token argmax, single turn, same prompt as inference)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model, processor, records: list[dict[str, Any]], *, blank: bool = False, batch_size: int = 64
+) -> dict[str, float]:
+    """Accuracy of the argmax next token after the prompt, per family and overall.
+
+    Every answer is one token, so this equals greedy decoding of the first generated token.
+    ``blank=True`` replaces every image by the plain background (no objects).
+    """
+    was_training = model.training
+    model.eval()
+    tok = processor.tokenizer
+    answer_ids = tok.convert_tokens_to_ids([r["answer"] for r in records])
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = [Image.new("RGB", r["image"].size, (32, 32, 32)) if blank else r["image"] for r in chunk]
+        enc = processor(
+            images=images,
+            text=[format_prompt(r["question"]) for r in chunk],
+            padding=True,
+            return_tensors="pt",
+        )
+        logits = model(**enc, logits_to_keep=1).logits[:, -1]  # left padding: last = last prompt token
+        pred = logits.argmax(-1).tolist()
+        for r, p, a in zip(chunk, pred, answer_ids[start : start + batch_size], strict=True):
+            hits[r["family"]].append(p == a)
+    model.train(was_training)
+    out = {f: float(np.mean(v)) for f, v in sorted(hits.items())}
+    out["all"] = float(np.mean([h for v in hits.values() for h in v]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write a checkpoint (temporary file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model, processor, out: Path, info: dict[str, Any]) -> None:
+    """``save_pretrained`` of model (safetensors) and processor, plus ``training_info.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warmup to ``--lr``, then cosine to ``--lr * --min-lr-ratio`` at ``--max-steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def log(msg: str) -> None:
+    """Print a timestamped line and flush."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (or resume) and return an exit status."""
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.out_dir / "checkpoint.pt"
+    spec = spec_from_args(args)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    model = build_model(spec)
+    processor = build_processor(spec)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    step, elapsed, best = 0, 0.0, -1.0
+    history: list[dict[str, Any]] = []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["spec"] != spec.to_dict():
+            raise SystemExit(
+                f"checkpoint {ckpt_path} has shape {state['spec']}, arguments give {spec.to_dict()}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        step, elapsed, best, history = state["step"], state["elapsed"], state["best"], state["history"]
+        log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained, best val {best:.3f})")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"spec {spec.to_dict()}; {n_params / 1e6:.3f}M parameters; {spec.num_image_tokens} image tokens")
+    log(f"args {json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})}")
+    val = load_synthetic("validation", args.val_n, SceneQAConfig(image_size=args.image_size, seed=0))
+    stream = TrainStream(
+        args.seed,
+        args.batch_size,
+        args.turns,
+        args.image_size,
+        parse_curriculum(args.curriculum),
+        describe=args.describe,
+    )
+
+    def state_dict() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "step": step,
+            "elapsed": elapsed,
+            "best": best,
+            "history": history,
+            "spec": spec.to_dict(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        }
+
+    def info(extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            "train_minutes": round(elapsed / 60, 2),
+            "spec": spec.to_dict(),
+            "parameters": n_params,
+            "command": " ".join(sys.argv),
+            **extra,
+        }
+
+    model.train()
+    last_ckpt = time.time()
+    window_loss, window_t, window_n = 0.0, 0.0, 0
+    reason = "max steps"
+    while step < args.max_steps:
+        if args.max_minutes and elapsed >= args.max_minutes * 60:
+            reason = "max minutes"
+            break
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, texts, _ = stream.batch(step)
+        batch = encode_train(processor, images, texts)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        window_loss, window_t, window_n = window_loss + loss.item(), window_t + dt, window_n + 1
+        if step % args.log_every == 0:
+            log(
+                f"step {step} loss {window_loss / window_n:.4f} lr {lr:.2e} {window_t / window_n:.2f} s/step "
+                f"seq {batch['input_ids'].shape[1]} trained {elapsed / 60:.1f} min"
+            )
+            window_loss, window_t, window_n = 0.0, 0.0, 0
+        done = False
+        if step % args.eval_every == 0 or step == args.max_steps:
+            te = time.perf_counter()
+            acc = answer_accuracy(model, processor, val)
+            entry = {"step": step, "train_minutes": round(elapsed / 60, 2), "val": acc}
+            if step % (4 * args.eval_every) == 0 or acc["all"] >= args.target:
+                entry["val_blank"] = answer_accuracy(model, processor, val, blank=True)
+            history.append(entry)
+            with open(args.out_dir / "history.jsonl", "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+            fam = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+            blank = f" | blank all={entry['val_blank']['all']:.3f}" if "val_blank" in entry else ""
+            log(f"VAL step {step}: {fam}{blank} ({time.perf_counter() - te:.0f} s)")
+            if acc["all"] > best:
+                best = acc["all"]
+                save_pretrained(model, processor, args.out_dir / "best", info({"val": acc}))
+            if acc["all"] >= args.target:
+                reason, done = f"validation accuracy {acc['all']:.3f} >= target {args.target}", True
+        if done or time.time() - last_ckpt >= args.ckpt_minutes * 60:
+            save_checkpoint(ckpt_path, state_dict())
+            last_ckpt = time.time()
+        if done:
+            break
+    save_checkpoint(ckpt_path, state_dict())
+    final_acc = answer_accuracy(model, processor, val)
+    final_blank = answer_accuracy(model, processor, val, blank=True)
+    save_pretrained(
+        model, processor, args.out_dir / "final", info({"val": final_acc, "val_blank": final_blank})
+    )
+    log(
+        f"stopped ({reason}) at step {step} after {elapsed / 60:.1f} min; val {final_acc} blank {final_blank}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
