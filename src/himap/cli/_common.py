@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from himap.prompting import build_prompt  # noqa: F401  (re-exported for CLI modules)
+
 
 def fail(message: str) -> None:
     """Print a clear error and exit with status 2 (no traceback)."""
@@ -83,6 +85,8 @@ def parse_method_args(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _coerce(value: str) -> Any:
     low = value.lower()
+    if low in ("none", "null"):
+        return None
     if low in ("true", "false"):
         return low == "true"
     for conv in (int, float):
@@ -93,8 +97,12 @@ def _coerce(value: str) -> Any:
     return value
 
 
-def build_method(name: str, options: dict[str, Any]):
-    """Instantiate method ``name`` from CLI options, refusing options it does not take."""
+def build_method(name: str, options: dict[str, Any], explicit_none: frozenset[str] = frozenset()):
+    """Instantiate method ``name`` from CLI options, refusing options it does not take.
+
+    Options whose value is ``None`` are treated as not given, except those named in
+    ``explicit_none`` (``--method-arg KEY=None``).
+    """
     from himap.methods import get_method
 
     try:
@@ -102,7 +110,7 @@ def build_method(name: str, options: dict[str, Any]):
     except ValueError as exc:
         fail(str(exc))
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None or k in explicit_none}
     unknown = sorted(set(given) - accepted)
     if unknown:
         fail(
@@ -146,21 +154,6 @@ def summarize_counts(counts: Sequence[int]) -> str:
             parts.append(f"{span}: {counts[start]}")
             start = i
     return " · ".join(parts)
-
-
-def build_prompt(processor: Any, prompt: str, num_images: int) -> str:
-    """The text for ``processor``: the chat template when it has one, else LLaVA-1.5's format.
-
-    A prompt that already contains the processor's image token is used as written.
-    """
-    image_token = getattr(processor, "image_token", "<image>")
-    if image_token in prompt:
-        return prompt
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = (image_token + "\n") * num_images
-    return f"USER: {images}{prompt} ASSISTANT:"
 
 
 def load_images(paths: Sequence[Path]) -> list:

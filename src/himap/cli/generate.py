@@ -47,8 +47,9 @@ def generate(
     from rich.table import Table
 
     options = dict(k=k, r=r, k1=k1, r1=r1, k2=k2, r2=r2, seed=seed, criterion=criterion)
-    options.update(parse_method_args(method_arg))
-    pruner = build_method(method, options)
+    extra = parse_method_args(method_arg)
+    options.update(extra)
+    pruner = build_method(method, options, frozenset(k_ for k_, v in extra.items() if v is None))
     if not image:
         fail("give at least one --image (the prompt is about an image)")
     images = load_images(image)
@@ -69,6 +70,7 @@ def generate(
         "config": {k_: v for k_, v in vars(pruner.config).items()},
         "image_tokens_per_layer": counts,
         "sequence_length": int(inputs["input_ids"].shape[1]),
+        "record": _jsonable(getattr(run, "record", {})),
     }
     if compare:
         timing = prefill_timings(net, inputs, pruner, repeats)
@@ -88,6 +90,8 @@ def generate(
     table.add_row("config", ", ".join(f"{k_}={v}" for k_, v in result["config"].items()) or "-")
     table.add_row("sequence length", str(result["sequence_length"]))
     table.add_row("image tokens per layer", summarize_counts(counts))
+    for key, value in result["record"].items():
+        table.add_row(key, json.dumps(value))
     if compare:
         table.add_row(
             "prefill dense / pruned (median)",
@@ -162,3 +166,18 @@ def prefill_timings(net, inputs, pruner, repeats: int) -> dict:
         "lm_prefill_speedup": med["dense"][1] / med["pruned"][1],
         "repeats": repeats,
     }
+
+
+def _jsonable(value):
+    """Method records (tensors, tuples, nested dicts) as plain JSON values."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
