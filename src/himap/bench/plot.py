@@ -47,7 +47,7 @@ def plot_speedup(
 
     runs = as_dicts(results)
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(12.0, 5.0), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(12.0, 5.6), dpi=120)
     xs = [s["flops_ratio"] for r in runs for s in r["summary"]]
     lo = max(0.02, min([*xs, 1.0]) * 0.8)
     grid = [lo + (1.05 - lo) * i / 200 for i in range(201)]
@@ -84,12 +84,15 @@ def plot_speedup(
         ax.set_xlabel("prefill FLOPs ratio (exact convention, pruned / dense)")
         ax.set_ylabel(f"{ylabel} (median, IQR)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper right", ncol=1 if len(runs) == 1 else 2)
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = 4 if len(runs) > 1 else 7
+    rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     axes[0].set_title("prefill: measured vs FLOPs-ideal", fontsize=10)
     axes[1].set_title("end to end (prefill + generated tokens)", fontsize=10)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.4, 0.035 * rows + 0.02), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

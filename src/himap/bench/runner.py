@@ -810,7 +810,7 @@ def run_benchmark(
                 mem[row.name].append(measure_peak_memory(model, sample, row, max_new_tokens))
                 tick(f"memory · sample {i + 1}/{len(samples)} · {row.name}")
 
-    token_id = int(model.config.image_token_id)
+    token_id = resolve_family(model).image_token_id(model.config)
     layouts: list[Layout] = [
         layout_from_inputs(s["input_ids"], token_id, s.get("attention_mask")) for s in samples
     ]

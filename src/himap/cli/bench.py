@@ -11,7 +11,8 @@ from typing import Any
 import typer
 
 from himap.cli._app import app
-from himap.cli._common import build_prompt, fail, load_model, parse_method_args
+from himap.cli._common import fail, load_model, parse_method_args
+from himap.prompting import build_prompt
 
 DEFAULT_METHODS = "dense,himap,fastv,vtw,random"
 
@@ -97,6 +98,7 @@ def bench(
     from himap.bench.plot import plot_speedup
     from himap.bench.report import markdown_report
     from himap.bench.runner import build_rows, run_benchmark
+    from himap.families import resolve_family
     from himap.methods import METHODS
 
     if (model is None) == (not tiny):
@@ -157,7 +159,7 @@ def bench(
             dtype,
         )
         net.to(dev)
-        num_layers = int(net.config.text_config.num_hidden_layers)
+        num_layers = int(resolve_family(net).text_config(net).num_hidden_layers)
         try:
             rows = build_rows(method_names, num_layers, per_method, refs)
         except ValueError as exc:
