@@ -40,12 +40,15 @@ def generate(
     attn_implementation: str | None = typer.Option(None, "--attn-implementation", help="sdpa (default), eager, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's)."),
 ) -> None:
     """Generate an answer with image tokens pruned inside the language model."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    if threads:
+        torch.set_num_threads(threads)
     options = dict(k=k, r=r, k1=k1, r1=r1, k2=k2, r2=r2, seed=seed, criterion=criterion)
     extra = parse_method_args(method_arg)
     options.update(extra)
