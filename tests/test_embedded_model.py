@@ -1,0 +1,108 @@
+"""The embedded tiny trained LLaVA (``src/himap/assets/tiny_llava``), when this build ships it.
+
+Skipped, with the reason, in a build without the model. The benchmark it is evaluated on is
+checked in ``tests/test_synthetic.py``: the generator is deterministic per seed
+(``test_same_seed_gives_identical_records``, ``test_prefix_property_and_scene_determinism``)
+and splits never share a scene (``test_splits_never_share_a_scene``), so the questions below
+were never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from himap import assets
+
+torch.set_num_threads(1)
+
+PATH = assets.tiny_llava_path()
+pytestmark = pytest.mark.skipif(
+    not assets.has_tiny_llava(PATH),
+    reason=f"the embedded model is not shipped in this build ({PATH} does not exist); "
+    "train one with scripts/train_tiny_llava.py and copy it there",
+)
+
+N_ACCURACY = 200
+MIN_DENSE_ACCURACY = 90.0
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """The model and processor, loaded with the plain transformers classes (offline)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(PATH).eval()
+    processor = AutoProcessor.from_pretrained(PATH)
+    return model, processor
+
+
+def test_files_are_small_and_documented():
+    weights = PATH / "model.safetensors"
+    assert weights.is_file()
+    assert weights.stat().st_size <= 25 * 2**20
+    assert sum(p.stat().st_size for p in PATH.iterdir() if p.is_file()) <= 26 * 2**20
+    assert (PATH / "README.md").is_file(), "the model card ships as README.md next to the weights"
+
+
+def test_loads_offline_with_stock_classes(loaded):
+    from himap.families import resolve_family
+    from himap.tinyllava import TrainedTinyLlavaSpec, format_prompt
+
+    model, processor = loaded
+    spec = TrainedTinyLlavaSpec()
+    text = model.config.text_config
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert text.num_hidden_layers == spec.num_layers and text.hidden_size == spec.hidden_size
+    assert model.config.vision_config.image_size == spec.image_size
+    resolve_family(model)  # a supported family
+    question = "Is there a red circle in the image?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == format_prompt(question)
+    from himap.data.synthetic import SceneQAConfig, load_synthetic
+
+    image = load_synthetic("test", 1, SceneQAConfig(image_size=spec.image_size))[0]["image"]
+    enc = processor(images=[image], text=[prompt], return_tensors="pt")
+    image_id = model.config.image_token_id
+    assert int((enc["input_ids"] == image_id).sum()) == spec.num_image_tokens
+
+
+def test_dense_accuracy_on_held_out_questions(loaded, tmp_path):
+    from himap.demo import synthetic_samples
+    from himap.eval.runner import evaluate
+
+    model, processor = loaded
+    samples = synthetic_samples(N_ACCURACY, model.config.vision_config.image_size)
+    assert all(s.id.startswith("test") for s in samples), samples[0].id
+    t0 = time.perf_counter()
+    results = evaluate(
+        model, processor, "synthetic", samples, "dense", tmp_path, batch_size=32, max_new_tokens=3
+    )
+    seconds = time.perf_counter() - t0
+    dense = results.configs[0]
+    assert dense.n_samples == N_ACCURACY
+    detail = {k: round(v, 1) for k, v in dense.metrics.items() if k.startswith("accuracy")}
+    assert dense.score is not None and dense.score >= MIN_DENSE_ACCURACY, detail
+    assert seconds < 120, f"{seconds:.0f} s for {N_ACCURACY} questions"
+
+
+def test_demo_runs_on_the_embedded_model_by_default(tmp_path):
+    from typer.testing import CliRunner
+
+    from himap.cli import _load_commands, app
+
+    _load_commands()
+    res = CliRunner().invoke(
+        app,
+        ["demo", "--out", str(tmp_path), "--n", "20", "--methods", "dense,himap", "--no-progress",
+         "--timing-samples", "2", "--timing-repeats", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert data["model"]["embedded"] is True and data["model"]["label"] == "tiny_llava"
+    assert [r["method"] for r in data["rows"]] == ["dense", "himap", "himap", "himap"]
+    assert (tmp_path / "demo.png").is_file()
