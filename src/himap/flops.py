@@ -70,6 +70,8 @@ from typing import Any, Literal
 
 import torch
 
+from himap.methods.base import kept_count
+
 __all__ = [
     "CONVENTIONS",
     "FlopsReport",
@@ -548,17 +550,9 @@ LLAVA_15_LAYOUT = Layout(35, 576, 60)
 """LLaVA-1.5 convention: 35 tokens before the image, 576 image tokens, 60 after."""
 
 
-def keep_count(n: int, r: float) -> int:
-    """Image tokens kept when a fraction ``r`` of ``n`` is pruned: ``n - floor(r*n + 0.5)``.
-
-    Parameters
-    ----------
-    n : int
-        Image tokens present before the pruning step.
-    r : float
-        Fraction pruned, in [0, 1].
-    """
-    return n - int(math.floor(r * n + 0.5))
+keep_count = kept_count
+"""Image tokens kept when a fraction ``r`` of ``n`` is pruned (the methods' own rule,
+:func:`himap.methods.base.kept_count`: ``n - floor(r*n + 0.5)``)."""
 
 
 def _check_ratio(name: str, value: Any) -> float:

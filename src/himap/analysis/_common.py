@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from himap.analysis.groups import TokenGroups, token_groups
@@ -130,10 +129,6 @@ class AnalysisSession:
         if head is None:
             raise ValueError(f"{type(self.model).__name__} has no output embeddings (lm_head)")
         return head
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------- samples

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +66,6 @@ def load_model(path_or_id: str, attn_implementation: str | None = None, dtype: s
     return model, processor
 
 
-METHOD_OPTION_NAMES = ("k", "r", "k1", "r1", "k2", "r2", "seed", "criterion")
-
-
 def parse_method_args(pairs: Sequence[str]) -> dict[str, Any]:
     """Parse ``KEY=VALUE`` strings; values are read as int, float, bool or string."""
     out: dict[str, Any] = {}
@@ -121,27 +116,6 @@ def build_method(name: str, options: dict[str, Any], explicit_none: frozenset[st
         return cls(**given)
     except (TypeError, ValueError) as exc:
         fail(f"{name}: {exc}")
-
-
-def timed_median(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time in seconds of ``fn`` after ``warmup`` untimed calls (CUDA-synchronised)."""
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def summarize_counts(counts: Sequence[int]) -> str:

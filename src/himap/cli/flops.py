@@ -71,25 +71,20 @@ def resolve_schedule(
 ) -> tuple[list[int], str]:
     """Per-layer image-token counts of a static method, and where they came from.
 
-    Prefers the method classes of :mod:`himap.methods` (the engine's own schedule), and falls
-    back to :func:`himap.flops.schedule_for` when the registry is unavailable or does not know
-    the method (e.g. ``vtw``).
+    Uses the method classes of :mod:`himap.methods` (the engine's own schedule), and falls back
+    to :func:`himap.flops.schedule_for` only for names the registry does not know (its aliases).
 
     Raises
     ------
     ValueError
         For an unknown method, bad parameters, or an input-dependent method.
     """
-    cls = None
+    from himap.methods import get_method
+
     try:
-        from himap.methods import get_method
-    except ImportError:
-        get_method = None
-    if get_method is not None:
-        try:
-            cls = get_method(method)
-        except (ValueError, KeyError, LookupError):
-            cls = None
+        cls = get_method(method)
+    except ValueError:
+        cls = None  # e.g. an alias such as "randomprune" that only schedule_for knows
     if cls is not None:
         try:
             instance = cls(**params)
@@ -97,18 +92,14 @@ def resolve_schedule(
             raise ValueError(
                 f"method {method!r} does not accept {', '.join('--' + p for p in params)}: {exc}"
             ) from exc
-        schedule_fn = getattr(instance, "image_tokens_schedule", None)
-        if callable(schedule_fn):
-            validate = getattr(instance, "validate_for_model", None)
-            if callable(validate):
-                validate(num_layers)
-            schedule = schedule_fn(num_image, num_layers)
-            if schedule is None:
-                raise ValueError(
-                    f"method {method!r} keeps an input-dependent number of image tokens; run it and pass the measured "
-                    "run.image_tokens_per_layer with --counts"
-                )
-            return [int(v) for v in schedule], "himap.methods"
+        instance.validate_for_model(num_layers)
+        schedule = instance.image_tokens_schedule(num_image, num_layers)
+        if schedule is None:
+            raise ValueError(
+                f"method {method!r} keeps an input-dependent number of image tokens; run it and pass the measured "
+                "run.image_tokens_per_layer with --counts"
+            )
+        return [int(v) for v in schedule], "himap.methods"
     return schedule_for(method, num_image, num_layers, **params), "himap.flops.schedule_for"
 
 

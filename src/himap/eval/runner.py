@@ -467,10 +467,6 @@ def _layouts(
     return out
 
 
-def _model_device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
 class _Progress:
     """A rich progress bar with samples/s (or nothing)."""
 
