@@ -39,7 +39,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from himap.data.synthetic import FAMILIES, SceneQAConfig, generate_questions, generate_scenes, load_synthetic
+from himap.data.synthetic import (
+    COLORS,
+    FAMILIES,
+    SHAPES,
+    SIZES,
+    SceneQAConfig,
+    generate_questions,
+    generate_scenes,
+    load_synthetic,
+)
 from himap.tinyllava import (
     TrainedTinyLlavaSpec,
     build_model,
@@ -92,7 +101,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add a last turn 'What is in the image?' answered with the object list (auxiliary loss)",
     )
-    p.add_argument("--turns", type=int, default=len(FAMILIES), help="questions per scene (<= 5)")
+    p.add_argument(
+        "--families", default="", help="comma-separated question families to train on (default all)"
+    )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=len(FAMILIES),
+        help="questions per scene (<= 20): rounds of one question per family in random order, truncated",
+    )
+    p.add_argument(
+        "--question-loss",
+        action="store_true",
+        help="loss on every text token (questions too), not only on the answers",
+    )
+    p.add_argument(
+        "--init-std",
+        type=float,
+        default=0.0,
+        help="re-initialise the language model's matrices (and head) with this std (0: keep the "
+        "config's 0.02); larger values leave the blind-guess plateau much sooner",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=150)
@@ -102,6 +131,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-minutes", type=float, default=0.0, help="stop after this much training time (0: none)"
     )
     p.add_argument("--grad-clip", type=float, default=1.0)
+    # stage 1: vision pretraining
+    p.add_argument(
+        "--vision-steps",
+        type=int,
+        default=0,
+        help="stage 1a: steps of supervised vision pretraining (per-patch cell labels); 0 skips it",
+    )
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument(
+        "--projector-steps",
+        type=int,
+        default=0,
+        help="stage 1b: steps aligning the projector to word embeddings (tower frozen; embeddings "
+        "frozen afterwards); 0 skips it",
+    )
+    p.add_argument(
+        "--freeze-projector", action="store_true", help="stage 2 keeps the stage-1b projector fixed"
+    )
+    p.add_argument("--vision-batch", type=int, default=128, help="images per vision pretraining step")
+    p.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="stage 2 trains only the projector and the language model",
+    )
     # evaluation / checkpoints
     p.add_argument("--eval-every", type=int, default=100, help="steps between validations")
     p.add_argument("--val-n", type=int, default=500, help="validation questions")
@@ -109,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
-    if not 1 <= args.turns <= len(FAMILIES):
-        p.error(f"--turns must be in [1, {len(FAMILIES)}]")
+    if not 1 <= args.turns <= 4 * len(FAMILIES):
+        p.error(f"--turns must be in [1, {4 * len(FAMILIES)}]")
     return args
 
 
@@ -172,6 +225,7 @@ class TrainStream:
         image_size: int,
         curriculum: list[tuple[int, int]] | None = None,
         describe: bool = False,
+        families: tuple[str, ...] | None = None,
     ) -> None:
         self.seed = seed
         self.batch_size = batch_size
@@ -179,6 +233,7 @@ class TrainStream:
         self.image_size = image_size
         self.curriculum = curriculum or []
         self.describe = describe
+        self.families = tuple(families or FAMILIES)
         self._key: tuple[int, int] | None = None
         self._chunk: list[dict[str, Any]] = []
         self._config: SceneQAConfig | None = None
@@ -212,7 +267,9 @@ class TrainStream:
             g = step * self.batch_size + i
             scene, config = self._scene(g, step)
             rng = np.random.default_rng([self.seed, 7, g])
-            order = [FAMILIES[int(k)] for k in rng.permutation(len(FAMILIES))]
+            fams = self.families
+            rounds = -(-self.turns // len(fams))  # each round asks every family once, shuffled
+            order = [fams[int(k)] for _ in range(rounds) for k in rng.permutation(len(fams))]
             qs = generate_questions(scene, rng, order, config=config)[: self.turns]
             turns = [(q["question"], q["answer"]) for q in qs]
             if self.describe:  # last, so that no question turn can read the answer from it
@@ -232,8 +289,10 @@ def answer_labels(input_ids: torch.Tensor, assistant_id: int, colon_id: int, eos
     return torch.where(inside, input_ids, torch.full_like(input_ids, -100))
 
 
-def encode_train(processor, images: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded training batch with answer-only labels."""
+def encode_train(
+    processor, images: list[Image.Image], texts: list[str], question_loss: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded training batch with answer-only labels (``question_loss``: every text token)."""
     tok = processor.tokenizer
     tok.padding_side = "right"
     try:
@@ -246,7 +305,189 @@ def encode_train(processor, images: list[Image.Image], texts: list[str]) -> dict
         tok.convert_tokens_to_ids(":"),
         tok.eos_token_id,
     )
+    if question_loss:  # also predict the questions: their content words must be read off the image
+        ids = enc["input_ids"]
+        text = (ids != tok.pad_token_id) & (ids != tok.convert_tokens_to_ids("<image>"))
+        enc["labels"] = torch.where(text, ids, torch.full_like(ids, -100))
     return dict(enc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the vision side, supervised directly (LLaVA's alignment stage, with explicit targets)
+#   1a  vision tower + linear per-patch heads: what is in the patch's grid cell, and where
+#   1b  projector (tower frozen): each patch written as word embeddings of its cell's object
+# ----------------------------------------------------------------------------------------------
+
+
+def vision_heads(grid: int) -> dict[str, int]:
+    """Class count of each per-patch label of stage 1a (class 0 of shape/colour/size: empty cell)."""
+    return {
+        "shape": len(SHAPES) + 1,
+        "color": len(COLORS) + 1,
+        "size": len(SIZES) + 1,
+        "row": grid,
+        "col": grid,
+    }
+
+
+def patch_targets(objects: list[dict[str, Any]], image_size: int, patch_size: int, grid: int) -> torch.Tensor:
+    """Per-patch labels of a scene, shape ``(num_patches, 5)``: shape, colour, size, row, col.
+
+    Every patch is labelled with the object of the grid cell its centre falls in (0 = empty cell
+    for the three attribute heads), so each object is carried by all the patches of its cell.
+    """
+    side = image_size // patch_size
+    centres = ((torch.arange(side) * patch_size + patch_size / 2) * grid // image_size).long()
+    cell_r = centres[:, None].expand(side, side)
+    cell_c = centres[None, :].expand(side, side)
+    table = torch.zeros(grid, grid, 3, dtype=torch.long)
+    for o in objects:
+        table[o["row"], o["col"]] = torch.tensor(
+            [SHAPES.index(o["shape"]) + 1, COLORS.index(o["color"]) + 1, SIZES.index(o["size"]) + 1]
+        )
+    attrs = table[cell_r, cell_c]  # (side, side, 3)
+    return torch.cat([attrs, cell_r[..., None], cell_c[..., None]], dim=-1).reshape(side * side, 5)
+
+
+def word_targets(model, tok, basic: torch.Tensor, grid: int, seed: int) -> torch.Tensor:
+    """Stage 1b regression targets: each patch as a bag of the language model's word embeddings.
+
+    An occupied cell's patches -> ``E[size] + E[color] + E[shape]``, an empty cell's -> 0; plus
+    fixed random row and column codes (seeded, same scale as the embeddings) so that positions
+    stay readable. ``basic`` is :func:`patch_targets` output ``(..., 5)``; returns
+    ``(..., hidden_size)``.
+    """
+    emb = model.model.language_model.embed_tokens.weight.detach()
+    hidden = emb.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randn(2, grid, hidden, generator=gen) * float(emb.std())
+
+    def table(words: tuple[str, ...]) -> torch.Tensor:
+        return torch.cat([torch.zeros(1, hidden), emb[tok.convert_tokens_to_ids(list(words))]])
+
+    shape, color, size, row, col = basic.unbind(-1)
+    return table(SHAPES)[shape] + table(COLORS)[color] + table(SIZES)[size] + pos[0][row] + pos[1][col]
+
+
+class VisionProbe(torch.nn.Module):
+    """Linear per-patch heads on the vision tower's output (stage 1a only; not shipped)."""
+
+    def __init__(self, hidden: int, grid: int) -> None:
+        super().__init__()
+        self.sizes = vision_heads(grid)
+        self.linear = torch.nn.Linear(hidden, sum(self.sizes.values()))
+
+    def forward(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed cross-entropy over the heads, and per-head accuracy."""
+        logits = self.linear(feats).split(list(self.sizes.values()), dim=-1)
+        loss = feats.new_zeros(())
+        acc = {}
+        for h, (name, lg) in enumerate(zip(self.sizes, logits, strict=True)):
+            t = targets[..., h]
+            loss = loss + torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), t.reshape(-1))
+            acc[name] = round(float((lg.argmax(-1) == t).float().mean()), 4)
+        return loss, acc
+
+
+def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch features the projector sees (selected layer, CLS dropped): ``(B, P, vision_hidden)``."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def run_stage(
+    name: str,
+    model,
+    processor,
+    args: argparse.Namespace,
+    spec: TrainedTinyLlavaSpec,
+    params: list[torch.nn.Parameter],
+    loss_fn,
+    steps: int,
+    seed_offset: int,
+) -> dict[str, Any]:
+    """One supervised stage-1 loop: AdamW, warmup + cosine, fresh train scenes every step.
+
+    ``loss_fn(pixel_values, patch_targets) -> (loss, metrics)``. Scenes come from config seeds
+    ``1 + seed * 100_000 + seed_offset + chunk`` of the train split (disjoint from stage 2's);
+    the summary reports the metrics on 512 validation scenes.
+    """
+    grid = SceneQAConfig().grid
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    ip = processor.image_processor
+
+    def batch(scenes: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pix = ip([s["image"] for s in scenes], return_tensors="pt")["pixel_values"]
+        tgt = [patch_targets(s["objects"], spec.image_size, spec.patch_size, grid) for s in scenes]
+        return pix, torch.stack(tgt)
+
+    val = batch(generate_scenes(512, "validation", SceneQAConfig(image_size=spec.image_size, seed=0)))
+    chunk: list[dict[str, Any]] = []
+    chunk_key = -1
+    warm = max(1, steps // 20)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        lr = args.vision_lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        scenes = []
+        for gi in range(step * args.vision_batch, (step + 1) * args.vision_batch):
+            if gi // CHUNK_SCENES != chunk_key:
+                chunk_key = gi // CHUNK_SCENES
+                seed = 1 + args.seed * 100_000 + seed_offset + chunk_key
+                chunk = generate_scenes(
+                    CHUNK_SCENES, "train", SceneQAConfig(image_size=spec.image_size, seed=seed)
+                )
+            scenes.append(chunk[gi % CHUNK_SCENES])
+        loss, metrics = loss_fn(*batch(scenes))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % args.log_every == 0:
+            log(f"{name} step {step + 1} loss {loss.item():.4f} lr {lr:.2e} train {metrics}")
+    with torch.no_grad():
+        _, metrics = loss_fn(*val)
+    summary = {"steps": steps, "minutes": round((time.perf_counter() - t0) / 60, 2), "validation": metrics}
+    log(f"{name} done: {summary}")
+    return summary
+
+
+def pretrain_vision(model, processor, args: argparse.Namespace, spec: TrainedTinyLlavaSpec) -> dict[str, Any]:
+    """Stage 1a: train the vision tower with :class:`VisionProbe` heads (per-patch accuracy)."""
+    probe = VisionProbe(spec.vision_hidden, SceneQAConfig().grid)
+    tower = model.model.vision_tower
+    params = list(tower.parameters()) + list(probe.parameters())
+
+    def loss_fn(pix: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return probe(vision_features(model, pix), tgt)
+
+    tower.train()
+    return run_stage("vision", model, processor, args, spec, params, loss_fn, args.vision_steps, 50_000)
+
+
+def align_projector(model, processor, args: argparse.Namespace, spec: TrainedTinyLlavaSpec) -> dict[str, Any]:
+    """Stage 1b: train the projector (tower frozen) to write each patch as word embeddings.
+
+    The target (:func:`word_targets`) puts image tokens in the language model's own embedding
+    space, so "red circle" in a question can be matched against image tokens by the same
+    identity circuits that match words in text; the word embeddings stay frozen afterwards.
+    Reported: relative MSE on validation scenes.
+    """
+    grid = SceneQAConfig().grid
+    model.model.vision_tower.requires_grad_(False)
+    proj = model.model.multi_modal_projector
+    tok = processor.tokenizer
+
+    def loss_fn(pix: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            feats = vision_features(model, pix)
+            target = word_targets(model, tok, tgt, grid, args.seed + 17)
+        mse = (proj(feats) - target).pow(2).mean()
+        return mse, {"relative_mse": round(float(mse.detach() / target.pow(2).mean()), 5)}
+
+    params = list(proj.parameters())
+    return run_stage("align", model, processor, args, spec, params, loss_fn, args.projector_steps, 60_000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +556,26 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def cached_stage(path: Path, key: dict[str, Any], module: torch.nn.Module, run) -> dict[str, Any]:
+    """Run a stage-1 part (``run() -> summary``) or read its result back from ``path``.
+
+    The cache holds ``module``'s state dict; it is used only when its ``key`` (the settings
+    that determine the result) equals ``key``.
+    """
+    if path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached["key"] == key:
+            module.load_state_dict(cached["state"] if "state" in cached else cached[_LEGACY[path.name]])
+            log(f"{path.name} read back: {cached['summary']}")
+            return cached["summary"]
+    summary = run()
+    save_checkpoint(path, {"key": key, "state": module.state_dict(), "summary": summary})
+    return summary
+
+
+_LEGACY = {"vision_stage.pt": "vision_tower", "projector_stage.pt": "projector"}
+
+
 def log(msg: str) -> None:
     """Print a timestamped line and flush."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -338,8 +599,42 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     model = build_model(spec)
     processor = build_processor(spec)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    if args.init_std > 0:
+        gen = torch.Generator().manual_seed(args.seed)
+        lm_matrices = [w for w in model.model.language_model.parameters() if w.dim() == 2]
+        for w in [*lm_matrices, model.lm_head.weight]:
+            with torch.no_grad():
+                w.normal_(0.0, args.init_std, generator=gen)
+    vision_summary: dict[str, Any] | None = None
+    if not ckpt_path.exists():  # stage 1 (each part cached in --out-dir, keyed by its settings)
+        base = {"spec": spec.to_dict(), "lr": args.vision_lr, "batch": args.vision_batch}
+        tower_summary = proj_summary = None
+        if args.vision_steps > 0:
+            tower_summary = cached_stage(
+                args.out_dir / "vision_stage.pt",
+                {**base, "steps": args.vision_steps},
+                model.model.vision_tower,
+                lambda: pretrain_vision(model, processor, args, spec),
+            )
+        if args.projector_steps > 0:
+            key = {**base, "steps": args.projector_steps, "vision": tower_summary, "align": True,
+                   "init_std": args.init_std}  # fmt: skip
+            proj_summary = cached_stage(
+                args.out_dir / "projector_stage.pt",
+                key,
+                model.model.multi_modal_projector,
+                lambda: align_projector(model, processor, args, spec),
+            )
+        if tower_summary or proj_summary:
+            vision_summary = {"tower": tower_summary, "projector": proj_summary}
+    model.model.vision_tower.requires_grad_(not args.freeze_vision)
+    if args.freeze_projector:
+        model.model.multi_modal_projector.requires_grad_(False)
+    if args.projector_steps > 0:  # the projector was aligned to these embeddings: keep them fixed
+        model.model.language_model.embed_tokens.requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if p.dim() < 2 or "embed" in n]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -360,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         step, elapsed, best, history = state["step"], state["elapsed"], state["best"], state["history"]
+        vision_summary = state.get("vision")
         log(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min trained, best val {best:.3f})")
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -373,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         args.image_size,
         parse_curriculum(args.curriculum),
         describe=args.describe,
+        families=tuple(args.families.split(",")) if args.families else None,
     )
 
     def state_dict() -> dict[str, Any]:
@@ -386,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed": elapsed,
             "best": best,
             "history": history,
+            "vision": vision_summary,
             "spec": spec.to_dict(),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
@@ -397,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             "spec": spec.to_dict(),
             "parameters": n_params,
             "command": " ".join(sys.argv),
+            "vision_pretraining": vision_summary,
             **extra,
         }
 
@@ -413,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, texts, _ = stream.batch(step)
-        batch = encode_train(processor, images, texts)
+        batch = encode_train(processor, images, texts, args.question_loss)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -96,7 +96,7 @@ class TrainedTinyLlavaSpec:
     patch_size: int = 4
     vision_hidden: int = 64
     vision_intermediate: int = 256
-    vision_layers: int = 2
+    vision_layers: int = 4
     vision_heads: int = 4
     hidden_size: int = 128
     intermediate_size: int = 256
