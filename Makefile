@@ -6,7 +6,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env test lint demo generate clean
+.PHONY: env test lint demo generate ship-model clean
 
 $(BIN)/himap: pyproject.toml
 	bash scripts/bootstrap.sh
@@ -24,6 +24,18 @@ demo generate: env
 	HF_HUB_OFFLINE=1 $(BIN)/himap tiny-model out/tiny-llava
 	HF_HUB_OFFLINE=1 $(BIN)/himap generate --model out/tiny-llava --image out/tiny-llava/example.png \
 		--prompt "What is in the picture?" --method himap --k1 2 --r1 0.5 --k2 4 --r2 0.75 --compare
+
+# Copy a trained tiny LLaVA (save_pretrained folder of scripts/train_tiny_llava.py) into the package,
+# with scripts/MODEL_CARD.md as its README.md:  make ship-model RUN=runs/tiny-llava/best
+RUN ?= runs/tiny-llava/best
+ASSET := src/himap/assets/tiny_llava
+ship-model:
+	test -f $(RUN)/model.safetensors
+	rm -rf $(ASSET) && mkdir -p $(ASSET)
+	for f in config.json generation_config.json model.safetensors processor_config.json \
+		tokenizer.json tokenizer_config.json chat_template.jinja training_info.json; do \
+		if [ -f $(RUN)/$$f ]; then cp $(RUN)/$$f $(ASSET)/; fi; done
+	cp scripts/MODEL_CARD.md $(ASSET)/README.md
 
 clean:
 	rm -rf $(VENV) out

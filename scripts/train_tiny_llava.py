@@ -147,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "frozen afterwards); 0 skips it",
     )
     p.add_argument(
+        "--position-codes",
+        choices=["linear", "random"],
+        default="linear",
+        help="stage 1b row/column codes: one direction per axis (ordered) or a random vector per cell",
+    )
+    p.add_argument(
         "--freeze-projector", action="store_true", help="stage 2 keeps the stage-1b projector fixed"
     )
     p.add_argument("--vision-batch", type=int, default=128, help="images per vision pretraining step")
@@ -349,18 +355,26 @@ def patch_targets(objects: list[dict[str, Any]], image_size: int, patch_size: in
     return torch.cat([attrs, cell_r[..., None], cell_c[..., None]], dim=-1).reshape(side * side, 5)
 
 
-def word_targets(model, tok, basic: torch.Tensor, grid: int, seed: int) -> torch.Tensor:
+def word_targets(
+    model, tok, basic: torch.Tensor, grid: int, seed: int, position_codes: str = "linear"
+) -> torch.Tensor:
     """Stage 1b regression targets: each patch as a bag of the language model's word embeddings.
 
     An occupied cell's patches -> ``E[size] + E[color] + E[shape]``, an empty cell's -> 0; plus
-    fixed random row and column codes (seeded, same scale as the embeddings) so that positions
-    stay readable. ``basic`` is :func:`patch_targets` output ``(..., 5)``; returns
+    row and column codes (seeded, same scale as the embeddings) so that positions stay readable:
+    ``"linear"`` puts row ``r`` at ``(r - (grid - 1) / 2) * u_row`` (and likewise for columns),
+    so "left of" is a comparison along one direction; ``"random"`` gives each row and column its
+    own random vector. ``basic`` is :func:`patch_targets` output ``(..., 5)``; returns
     ``(..., hidden_size)``.
     """
     emb = model.model.language_model.embed_tokens.weight.detach()
     hidden = emb.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    pos = torch.randn(2, grid, hidden, generator=gen) * float(emb.std())
+    if position_codes == "random":
+        pos = torch.randn(2, grid, hidden, generator=gen) * float(emb.std())
+    else:
+        axis = torch.randn(2, 1, hidden, generator=gen) * float(emb.std())
+        pos = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2)[None, :, None] * axis
 
     def table(words: tuple[str, ...]) -> torch.Tensor:
         return torch.cat([torch.zeros(1, hidden), emb[tok.convert_tokens_to_ids(list(words))]])
@@ -482,7 +496,7 @@ def align_projector(model, processor, args: argparse.Namespace, spec: TrainedTin
     def loss_fn(pix: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
             feats = vision_features(model, pix)
-            target = word_targets(model, tok, tgt, grid, args.seed + 17)
+            target = word_targets(model, tok, tgt, grid, args.seed + 17, args.position_codes)
         mse = (proj(feats) - target).pow(2).mean()
         return mse, {"relative_mse": round(float(mse.detach() / target.pow(2).mean()), 5)}
 
@@ -618,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.projector_steps > 0:
             key = {**base, "steps": args.projector_steps, "vision": tower_summary, "align": True,
-                   "init_std": args.init_std}  # fmt: skip
+                   "init_std": args.init_std, **({"positions": args.position_codes}
+                                                 if args.position_codes != "random" else {})}  # fmt: skip
             proj_summary = cached_stage(
                 args.out_dir / "projector_stage.pt",
                 key,
