@@ -42,6 +42,7 @@ from PIL import Image
 from himap.data.synthetic import (
     COLORS,
     FAMILIES,
+    NUMBER_WORDS,
     SHAPES,
     SIZES,
     SceneQAConfig,
@@ -61,13 +62,17 @@ CHUNK_SCENES = 4096  # training scenes are generated in chunks of this many (one
 DESCRIBE_QUESTION = "What is in the image?"
 
 
-def describe(objects: list[dict[str, Any]]) -> str:
+def describe(objects: list[dict[str, Any]], positions: bool = False) -> str:
     """Scene description used as an auxiliary training answer: objects in reading order.
 
-    ``"small red circle . large blue square"`` (objects sorted by grid row, then column).
+    ``"small red circle . large blue square"`` (objects sorted by grid row, then column); with
+    ``positions``, each object is followed by its grid row and column as number words
+    (``"small red circle one three"``: first row, third column), so that answering needs the
+    position of each object read from the image -- the retrieval the spatial questions need.
     """
     ordered = sorted(objects, key=lambda o: (o["row"], o["col"]))
-    return " . ".join(f"{o['size']} {o['color']} {o['shape']}" for o in ordered)
+    where = (lambda o: f" {NUMBER_WORDS[o['row']]} {NUMBER_WORDS[o['col']]}") if positions else (lambda o: "")
+    return " . ".join(f"{o['size']} {o['color']} {o['shape']}{where(o)}" for o in ordered)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,6 +107,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add a last turn 'What is in the image?' answered with the object list (auxiliary loss)",
     )
     p.add_argument(
+        "--describe-positions",
+        action="store_true",
+        help="with --describe: each object's row and column (number words) after its name",
+    )
+    p.add_argument(
+        "--spatial-relations",
+        default="",
+        help="train spatial questions only about these relations (comma list of left, right, above, "
+        "below; default all): asking one direction per axis first gives the yes/no answer a linear "
+        "dependence on the two positions, which the balanced mix of opposite relations cancels",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start stage 2 from the weights of a saved run (its best/ or final/ directory; same "
+        "shape) instead of stage 1: a second training phase with its own schedule and data mix",
+    )
+    p.add_argument(
         "--families", default="", help="comma-separated question families to train on (default all)"
     )
     p.add_argument(
@@ -129,6 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=3000, help="length of the cosine schedule")
     p.add_argument(
         "--max-minutes", type=float, default=0.0, help="stop after this much training time (0: none)"
+    )
+    p.add_argument(
+        "--stop-step",
+        type=int,
+        default=0,
+        help="stop (and write final/) at this step, the schedule still running to --max-steps (0: "
+        "at --max-steps); to end a phase early reproducibly",
     )
     p.add_argument("--grad-clip", type=float, default=1.0)
     # stage 1: vision pretraining
@@ -168,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
+    bad = set(filter(None, args.spatial_relations.split(","))) - {"left", "right", "above", "below"}
+    if bad:
+        p.error(f"--spatial-relations: unknown relation(s) {sorted(bad)}; use left, right, above, below")
     if not 1 <= args.turns <= 4 * len(FAMILIES):
         p.error(f"--turns must be in [1, {4 * len(FAMILIES)}]")
     return args
@@ -232,6 +266,8 @@ class TrainStream:
         curriculum: list[tuple[int, int]] | None = None,
         describe: bool = False,
         families: tuple[str, ...] | None = None,
+        describe_positions: bool = False,
+        spatial_relations: tuple[str, ...] | None = None,
     ) -> None:
         self.seed = seed
         self.batch_size = batch_size
@@ -239,6 +275,8 @@ class TrainStream:
         self.image_size = image_size
         self.curriculum = curriculum or []
         self.describe = describe
+        self.describe_positions = describe_positions
+        self.spatial_qtypes = {f"spatial_{r}" for r in spatial_relations} if spatial_relations else None
         self.families = tuple(families or FAMILIES)
         self._key: tuple[int, int] | None = None
         self._chunk: list[dict[str, Any]] = []
@@ -266,6 +304,17 @@ class TrainStream:
         assert self._config is not None
         return self._chunk[g % CHUNK_SCENES], self._config
 
+    def _allowed(self, q: dict[str, Any], scene, rng, config) -> dict[str, Any] | None:
+        """``q``, or (for a spatial question about another relation) a redraw asking an allowed one."""
+        for _ in range(16):
+            if q["family"] != "spatial" or q["qtype"] in self.spatial_qtypes:
+                return q
+            redraw = generate_questions(scene, rng, ["spatial"], config=config)
+            if not redraw:
+                return None
+            q = redraw[0]
+        return None
+
     def batch(self, step: int) -> tuple[list[Image.Image], list[str], list[list[str]]]:
         """Images, conversation texts and the families asked (in turn order) of one step."""
         images, texts, families = [], [], []
@@ -277,9 +326,13 @@ class TrainStream:
             rounds = -(-self.turns // len(fams))  # each round asks every family once, shuffled
             order = [fams[int(k)] for _ in range(rounds) for k in rng.permutation(len(fams))]
             qs = generate_questions(scene, rng, order, config=config)[: self.turns]
+            if self.spatial_qtypes is not None:
+                kept = [self._allowed(q, scene, rng, config) for q in qs]
+                unique = {q["question"]: q for q in kept if q is not None}  # a repeat could copy its answer
+                qs = list(unique.values())
             turns = [(q["question"], q["answer"]) for q in qs]
             if self.describe:  # last, so that no question turn can read the answer from it
-                turns.append((DESCRIBE_QUESTION, describe(scene["objects"])))
+                turns.append((DESCRIBE_QUESTION, describe(scene["objects"], self.describe_positions)))
             images.append(scene["image"])
             texts.append(format_conversation(turns))
             families.append([q["family"] for q in qs] + (["describe"] if self.describe else []))
@@ -516,6 +569,8 @@ def answer_accuracy(
     """Accuracy of the argmax next token after the prompt, per family and overall.
 
     Every answer is one token, so this equals greedy decoding of the first generated token.
+    Spatial questions are also reported per relation asked (``spatial_left``, ...; not part of
+    ``all``): a model that reads positions but ignores the relation word shows up there.
     ``blank=True`` replaces every image by the plain background (no objects).
     """
     was_training = model.training
@@ -523,6 +578,7 @@ def answer_accuracy(
     tok = processor.tokenizer
     answer_ids = tok.convert_tokens_to_ids([r["answer"] for r in records])
     hits: dict[str, list[bool]] = defaultdict(list)
+    by_relation: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         images = [Image.new("RGB", r["image"].size, (32, 32, 32)) if blank else r["image"] for r in chunk]
@@ -536,9 +592,12 @@ def answer_accuracy(
         pred = logits.argmax(-1).tolist()
         for r, p, a in zip(chunk, pred, answer_ids[start : start + batch_size], strict=True):
             hits[r["family"]].append(p == a)
+            if r["family"] == "spatial":
+                by_relation[r["qtype"]].append(p == a)
     model.train(was_training)
     out = {f: float(np.mean(v)) for f, v in sorted(hits.items())}
     out["all"] = float(np.mean([h for v in hits.values() for h in v]))
+    out.update({q: round(float(np.mean(v)), 3) for q, v in sorted(by_relation.items())})
     return out
 
 
@@ -590,6 +649,29 @@ def cached_stage(path: Path, key: dict[str, Any], module: torch.nn.Module, run) 
 _LEGACY = {"vision_stage.pt": "vision_tower", "projector_stage.pt": "projector"}
 
 
+def init_from(model, path: Path, spec: TrainedTinyLlavaSpec) -> dict[str, Any] | None:
+    """Load the weights of a saved run (``save_pretrained`` directory) into ``model``.
+
+    Returns that run's ``training_info.json`` summary (its stage-1 results and where it
+    stopped), which the new run records as its own starting point.
+    """
+    info_path = path / "training_info.json"
+    weights = path / "model.safetensors"
+    if not weights.is_file() or not info_path.is_file():
+        raise SystemExit(f"--init-from {path}: expected model.safetensors and training_info.json there")
+    info = json.loads(info_path.read_text())
+    shape = {k: v for k, v in spec.to_dict().items() if k != "seed"}  # the seed only drew the init
+    if {k: v for k, v in info.get("spec", {}).items() if k != "seed"} != shape:
+        raise SystemExit(f"--init-from {path} has shape {info.get('spec')}, arguments give {spec.to_dict()}")
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)  # safetensors
+    model.load_state_dict(saved.state_dict())  # strict: same shape, same parameter names
+    log(f"initialised from {path} (its step {info.get('step')}, val {info.get('val')})")
+    return {"init_from": str(path), "step": info.get("step"), "train_minutes": info.get("train_minutes"),
+            "vision_pretraining": info.get("vision_pretraining")}  # fmt: skip
+
+
 def log(msg: str) -> None:
     """Print a timestamped line and flush."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -620,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 w.normal_(0.0, args.init_std, generator=gen)
     vision_summary: dict[str, Any] | None = None
-    if not ckpt_path.exists():  # stage 1 (each part cached in --out-dir, keyed by its settings)
+    if args.init_from is not None and not ckpt_path.exists():  # a later phase: weights of a saved run
+        vision_summary = init_from(model, args.init_from, spec)
+    elif not ckpt_path.exists():  # stage 1 (each part cached in --out-dir, keyed by its settings)
         base = {"spec": spec.to_dict(), "lr": args.vision_lr, "batch": args.vision_batch}
         tower_summary = proj_summary = None
         if args.vision_steps > 0:
@@ -645,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     model.model.vision_tower.requires_grad_(not args.freeze_vision)
     if args.freeze_projector:
         model.model.multi_modal_projector.requires_grad_(False)
-    if args.projector_steps > 0:  # the projector was aligned to these embeddings: keep them fixed
+    if args.projector_steps > 0 or args.init_from is not None:  # the projector was aligned to these embeddings: keep them fixed
         model.model.language_model.embed_tokens.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed" not in n]
@@ -685,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_curriculum(args.curriculum),
         describe=args.describe,
         families=tuple(args.families.split(",")) if args.families else None,
+        describe_positions=args.describe_positions,
+        spatial_relations=tuple(args.spatial_relations.split(",")) if args.spatial_relations else None,
     )
 
     def state_dict() -> dict[str, Any]:
@@ -717,8 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     last_ckpt = time.time()
     window_loss, window_t, window_n = 0.0, 0.0, 0
-    reason = "max steps"
-    while step < args.max_steps:
+    stop_step = min(args.stop_step or args.max_steps, args.max_steps)
+    reason = "max steps" if stop_step == args.max_steps else "stop step"
+    while step < stop_step:
         if args.max_minutes and elapsed >= args.max_minutes * 60:
             reason = "max minutes"
             break
@@ -745,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             window_loss, window_t, window_n = 0.0, 0.0, 0
         done = False
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if step % args.eval_every == 0 or step == stop_step:
             te = time.perf_counter()
             acc = answer_accuracy(model, processor, val)
             entry = {"step": step, "train_minutes": round(elapsed / 60, 2), "val": acc}
