@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     model.model.vision_tower.requires_grad_(not args.freeze_vision)
     if args.freeze_projector:
         model.model.multi_modal_projector.requires_grad_(False)
-    if args.projector_steps > 0 or args.init_from is not None:  # the projector was aligned to these embeddings: keep them fixed
+    if args.projector_steps > 0 or args.init_from is not None:  # projector aligned to the embeddings
         model.model.language_model.embed_tokens.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed" not in n]
