@@ -97,11 +97,11 @@ def test_demo_writes_json_png_and_a_row_per_configuration(demo_run):
     assert labels == [
         "dense",
         "himap(k1=2,r1=0.5,k2=3,r2=0.75)",
-        "himap(k1=2,r1=0.25,k2=3,r2=0.5)",
         "himap(k1=2,r1=0.75,k2=3,r2=0.9)",
+        "himap(k1=2,r1=0.9,k2=3,r2=0.95)",
         "fastv(k=2,r=0.5)",
-        "fastv(k=2,r=0.25)",
         "fastv(k=2,r=0.75)",
+        "fastv(k=2,r=0.9)",
     ]
     assert data["settings"]["configurations"] == labels
     assert [r["paper_default"] for r in data["rows"]] == [True, True, False, False, True, False, False]
@@ -116,8 +116,8 @@ def test_demo_writes_json_png_and_a_row_per_configuration(demo_run):
     dense, himap = data["rows"][0], data["rows"][1]
     assert dense["flops_ratio"] == pytest.approx(1.0) and dense["prefill_speedup"] == pytest.approx(1.0)
     assert himap["mean_image_tokens_per_layer"] == [36, 36, 18, 4.0]  # 36 -> 18 at k1=2 -> 18 - 14 at k2=3
-    ratios = [r["flops_ratio"] for r in data["rows"][4:]]  # fastv r=0.5, 0.25, 0.75
-    assert ratios[1] > ratios[0] > ratios[2]
+    ratios = [r["flops_ratio"] for r in data["rows"][4:]]  # fastv r=0.5, 0.75, 0.9
+    assert ratios[0] > ratios[1] > ratios[2]
     # paired, interleaved timing: every configuration on every timed question
     timing = data["timing"]
     assert timing["settings"]["samples"] == 2 and timing["settings"]["warmup"] == 1
@@ -190,14 +190,14 @@ def test_configuration_rule_at_depth_8_and_skipped_budgets():
     assert labels == [
         "dense",
         "himap(k1=2,r1=0.5,k2=3,r2=0.75)",
-        "himap(k1=2,r1=0.25,k2=3,r2=0.5)",
         "himap(k1=2,r1=0.75,k2=3,r2=0.9)",
+        "himap(k1=2,r1=0.9,k2=3,r2=0.95)",
         "fastv(k=2,r=0.5)",
-        "fastv(k=2,r=0.25)",
         "fastv(k=2,r=0.75)",
+        "fastv(k=2,r=0.9)",
         "random(k=2,r=0.5)",
-        "random(k=2,r=0.25)",
         "random(k=2,r=0.75)",
+        "random(k=2,r=0.9)",
         "vtw(k=4)",
         "vtw(k=2)",
         "vtw(k=6)",

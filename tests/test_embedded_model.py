@@ -90,6 +90,39 @@ def test_dense_accuracy_on_held_out_questions(loaded, tmp_path):
     assert seconds < 120, f"{seconds:.0f} s for {N_ACCURACY} questions"
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("himap").FastV(k=2, r=0.0),
+        lambda: __import__("himap").HiMAP(k1=2, r1=0.0, k2=4, r2=0.0),
+        lambda: __import__("himap").RandomPrune(k=1, r=0.0, seed=3),
+    ],
+    ids=["fastv", "himap", "random"],
+)
+def test_method_that_prunes_nothing_equals_dense(loaded, make):
+    """Hooks installed but every image token kept: same logits and same greedy answers as dense."""
+    from himap.data.synthetic import SceneQAConfig, load_synthetic
+    from himap.tinyllava import format_prompt
+
+    model, processor = loaded
+    records = load_synthetic("test", 24, SceneQAConfig(image_size=model.config.vision_config.image_size))
+    enc = processor(
+        images=[r["image"] for r in records],
+        text=[format_prompt(r["question"]) for r in records],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        dense_logits = model(**enc).logits
+        dense_out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        with make()(model) as run:
+            logits = model(**enc).logits
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out, dense_out)
+    assert all(n == 144 for layer in run.image_tokens_per_layer for n in layer)
+
+
 def test_demo_runs_on_the_embedded_model_by_default(tmp_path):
     from typer.testing import CliRunner
 
