@@ -16,7 +16,12 @@ Outputs in ``--out-dir``: ``checkpoint.pt``, ``best/`` (``save_pretrained`` of t
 the best validation accuracy so far, plus processor files), ``final/`` (at the end),
 ``history.jsonl`` (one line per validation), and the log on stdout.
 
-Example::
+A run can start from the weights of an earlier one (``--init-from DIR``, its ``best/`` or
+``final/``) with its own data mix and schedule; the shipped model is five such phases, run by
+``scripts/train_tiny_llava_recipe.sh`` (``make train-model``; the why of each phase is in
+``scripts/MODEL_CARD.md``).
+
+Example (one run)::
 
     nohup nice -n 10 .venv/bin/python scripts/train_tiny_llava.py --out-dir runs/tiny-llava \\
         --threads 1 > runs/tiny-llava/train.log 2>&1 &
