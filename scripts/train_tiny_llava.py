@@ -48,6 +48,7 @@ from himap.data.synthetic import (
     COLORS,
     FAMILIES,
     NUMBER_WORDS,
+    RELATIONS,
     SHAPES,
     SIZES,
     SceneQAConfig,
@@ -65,6 +66,7 @@ from himap.tinyllava import (
 
 CHUNK_SCENES = 4096  # training scenes are generated in chunks of this many (one config seed each)
 DESCRIBE_QUESTION = "What is in the image?"
+RELATION_WORDS = tuple(r.split()[0] for r in RELATIONS)  # left, right, above, below: spatial_<word> qtypes
 
 
 def describe(objects: list[dict[str, Any]], positions: bool = False) -> str:
@@ -119,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--spatial-relations",
         default="",
-        help="train spatial questions only about these relations (comma list of left, right, above, "
-        "below; default all): asking one direction per axis first gives the yes/no answer a linear "
+        help=f"train spatial questions only about these relations (comma list of {', '.join(RELATION_WORDS)}; "
+        "default all): asking one direction per axis first gives the yes/no answer a linear "
         "dependence on the two positions, which the balanced mix of opposite relations cancels",
     )
     p.add_argument(
@@ -204,9 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
-    bad = set(filter(None, args.spatial_relations.split(","))) - {"left", "right", "above", "below"}
+    bad = set(filter(None, args.spatial_relations.split(","))) - set(RELATION_WORDS)
     if bad:
-        p.error(f"--spatial-relations: unknown relation(s) {sorted(bad)}; use left, right, above, below")
+        p.error(f"--spatial-relations: unknown relation(s) {sorted(bad)}; use {', '.join(RELATION_WORDS)}")
     if not 1 <= args.turns <= 4 * len(FAMILIES):
         p.error(f"--turns must be in [1, {4 * len(FAMILIES)}]")
     return args

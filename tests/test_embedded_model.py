@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from himap import assets
+from himap import FastV, HiMAP, RandomPrune, assets
 
 torch.set_num_threads(1)
 
@@ -93,16 +93,16 @@ def test_dense_accuracy_on_held_out_questions(loaded, tmp_path):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: __import__("himap").FastV(k=2, r=0.0),
-        lambda: __import__("himap").HiMAP(k1=2, r1=0.0, k2=4, r2=0.0),
-        lambda: __import__("himap").RandomPrune(k=1, r=0.0, seed=3),
+        lambda: FastV(k=2, r=0.0),
+        lambda: HiMAP(k1=2, r1=0.0, k2=4, r2=0.0),
+        lambda: RandomPrune(k=1, r=0.0, seed=3),
     ],
     ids=["fastv", "himap", "random"],
 )
 def test_method_that_prunes_nothing_equals_dense(loaded, make):
     """Hooks installed but every image token kept: same logits and same greedy answers as dense."""
     from himap.data.synthetic import SceneQAConfig, load_synthetic
-    from himap.tinyllava import format_prompt
+    from himap.tinyllava import TrainedTinyLlavaSpec, format_prompt
 
     model, processor = loaded
     records = load_synthetic("test", 24, SceneQAConfig(image_size=model.config.vision_config.image_size))
@@ -120,7 +120,8 @@ def test_method_that_prunes_nothing_equals_dense(loaded, make):
             out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(logits, dense_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(out, dense_out)
-    assert all(n == 144 for layer in run.image_tokens_per_layer for n in layer)
+    image_tokens = TrainedTinyLlavaSpec().num_image_tokens
+    assert all(n == image_tokens for layer in run.image_tokens_per_layer for n in layer)
 
 
 def test_demo_runs_on_the_embedded_model_by_default(tmp_path):
