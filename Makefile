@@ -37,7 +37,7 @@ train-model: env
 # Copy a trained tiny LLaVA (save_pretrained folder of scripts/train_tiny_llava.py) into the package,
 # with scripts/MODEL_CARD.md as its README.md:  make ship-model RUN=runs/tiny-llava-p5/best
 RUN ?= runs/tiny-llava-p5/best
-ASSET := src/himap/assets/tiny_llava
+ASSET := src/himap_vlm/assets/tiny_llava
 ship-model:
 	test -f $(RUN)/model.safetensors
 	rm -rf $(ASSET) && mkdir -p $(ASSET)

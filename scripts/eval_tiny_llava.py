@@ -1,7 +1,7 @@
 """Evaluate a trained tiny LLaVA on held-out synthetic scene-QA questions (CPU, offline).
 
 Greedy generation (a few tokens) from the chat-template prompt of each test question, scored
-with :func:`himap.data.synthetic.score`; reported per question family, for the real images
+with :func:`himap_vlm.apps.data.synthetic.score`; reported per question family, for the real images
 (``dense``) and for blank images of the plain background (``blank``: what the model answers
 without looking, i.e. the language prior). A model that uses the image has ``dense`` far above
 ``blank``.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from himap.data.synthetic import FAMILIES, SceneQAConfig, load_synthetic, score
-from himap.tinyllava import load_trained
+from himap_vlm.apps.data.synthetic import FAMILIES, SceneQAConfig, load_synthetic, score
+from himap_vlm.models.tiny_llava import load_trained
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Train the tiny LLaVA of himap from scratch on the synthetic scene-QA benchmark (CPU).
 
 The model is a stock :class:`~transformers.LlavaForConditionalGeneration` (shape in
-:class:`himap.tinyllava.TrainedTinyLlavaSpec`: 48 px images, patch 4 -> 144 image tokens,
+:class:`himap_vlm.models.tiny_llava.TrainedTinyLlavaSpec`: 48 px images, patch 4 -> 144 image tokens,
 CLIP vision tower, 8-layer Llama text model). Training data are fresh train-split scenes
 every step (the train split is effectively infinite), each scene written as a multi-turn
 conversation with one question per family in random order; the loss is on answer tokens
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from himap.data.synthetic import (
+from himap_vlm.apps.data.synthetic import (
     COLORS,
     FAMILIES,
     NUMBER_WORDS,
@@ -56,7 +56,7 @@ from himap.data.synthetic import (
     generate_scenes,
     load_synthetic,
 )
-from himap.tinyllava import (
+from himap_vlm.models.tiny_llava import (
     TrainedTinyLlavaSpec,
     build_model,
     build_processor,

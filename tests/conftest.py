@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models are dominated by threading overhead: one thread is faster and deterministic.
 torch.set_num_threads(1)
 
-from himap.testing import TinyLlavaSpec, build_tiny_llava, example_image  # noqa: E402
+from himap_vlm.models.tiny import TinyLlavaSpec, build_tiny_llava, example_image  # noqa: E402
 
 # Several shapes: MHA and GQA, three backbones, different depths and image grids.
 SPECS = {

@@ -1,4 +1,4 @@
-"""The information-flow analysis (``himap.analysis``, ``himap analyze``) on tiny offline models."""
+"""The information-flow analysis (``himap_vlm.apps.analysis``, ``himap analyze``) on tiny offline models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from himap.analysis import (
+from himap_vlm.apps.analysis import (
     attention_share,
     block_flow,
     block_spec,
@@ -21,9 +21,9 @@ from himap.analysis import (
     taylor_terms,
     token_groups,
 )
-from himap.analysis.blocking import BlockingResult
-from himap.prompting import build_inputs
-from himap.testing import TinyLlavaSpec, build_tiny_llava, example_image
+from himap_vlm.apps.analysis.blocking import BlockingResult
+from himap_vlm.apps.prompting import build_inputs
+from himap_vlm.models.tiny import TinyLlavaSpec, build_tiny_llava, example_image
 
 SPEC = TinyLlavaSpec(image_size=16, num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, seed=3)
 N_IMG = 16  # (16 // 4) ** 2 image tokens per image
@@ -342,9 +342,9 @@ def test_model_is_restored():
 
 
 def test_cli_analyze_smoke(tmp_path):
-    from himap.cli import _load_commands, app
-    from himap.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
-    from himap.testing import save_tiny_llava
+    from himap_vlm.apps.cli import _load_commands, app
+    from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
+    from himap_vlm.models.tiny import save_tiny_llava
 
     _load_commands()
     model_dir = save_tiny_llava(tmp_path / "model", TinyLlavaSpec(image_size=16, num_layers=4, hidden_size=32))

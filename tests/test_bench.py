@@ -1,4 +1,4 @@
-"""Tests of :mod:`himap.bench` and ``himap bench`` (tiny models, one or two rounds, CPU)."""
+"""Tests of :mod:`himap_vlm.apps.bench` and ``himap bench`` (tiny models, one or two rounds, CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from himap.bench import (
+from himap_vlm.apps.bench import (
     ReferenceStyle,
     RowSpec,
     Stat,
@@ -20,9 +20,9 @@ from himap.bench import (
     reference_generate,
     run_benchmark,
 )
-from himap.flops import Layout, TextDims, kv_cache_bytes, layout_from_inputs
-from himap.methods import METHODS, Dense, FastV, HiMAP, RandomPrune
-from himap.testing import build_tiny_llava, example_image
+from himap_vlm.apps.flops import Layout, TextDims, kv_cache_bytes, layout_from_inputs
+from himap_vlm.core.methods import METHODS, Dense, FastV, HiMAP, RandomPrune
+from himap_vlm.models.tiny import build_tiny_llava, example_image
 
 torch.set_num_threads(1)  # 2 shared cores: two threads oversubscribe them and time out of all proportion
 
@@ -245,7 +245,7 @@ def test_run_benchmark_rejects_bad_input():
 
 # ------------------------------------------------------------------------------------ CLI
 def invoke(args: list[str]):
-    from himap.cli import _load_commands, app
+    from himap_vlm.apps.cli import _load_commands, app
 
     _load_commands()
     return CliRunner().invoke(app, ["bench", *args])

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from himap.cli import _load_commands, app
+from himap_vlm.apps.cli import _load_commands, app
 
 _load_commands()
 runner = CliRunner()

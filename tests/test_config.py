@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from himap import FastV, HiMAP, RandomPrune, get_method, supported_classes
+from himap_vlm import FastV, HiMAP, RandomPrune, get_method, supported_classes
 
 
 @pytest.mark.parametrize(

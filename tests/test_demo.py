@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from himap.cli import _load_commands, app
-from himap.tinyllava import TrainedTinyLlavaSpec, build_model, build_processor
+from himap_vlm.apps.cli import _load_commands, app
+from himap_vlm.models.tiny_llava import TrainedTinyLlavaSpec, build_model, build_processor
 
 torch.set_num_threads(1)
 _load_commands()
@@ -156,9 +156,9 @@ def test_configuration_that_prunes_nothing_equals_dense(model_dir, tmp_path):
 
 
 def test_missing_embedded_model_exits_2(monkeypatch, tmp_path):
-    import himap.assets
+    import himap_vlm.assets
 
-    monkeypatch.setattr(himap.assets, "tiny_llava_path", lambda: tmp_path / "not_shipped")
+    monkeypatch.setattr(himap_vlm.assets, "tiny_llava_path", lambda: tmp_path / "not_shipped")
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "out"), "--n", "4"])
     assert res.exit_code == 2
     assert "the embedded model is not shipped in this build; pass --model PATH" in res.output
@@ -183,7 +183,7 @@ def test_bad_methods_exit_2(model_dir, tmp_path, methods, message):
 
 
 def test_configuration_rule_at_depth_8_and_skipped_budgets():
-    from himap.demo import demo_configurations
+    from himap_vlm.apps.demo import demo_configurations
 
     configs, skipped = demo_configurations(None, 8)  # every method, the embedded model's depth
     labels = [c.spec.label for c in configs]
@@ -221,8 +221,8 @@ def test_configuration_rule_at_depth_8_and_skipped_budgets():
 
 
 def test_synthetic_samples_use_the_trained_prompt_format():
-    from himap.demo import synthetic_samples
-    from himap.eval.tasks import get_task
+    from himap_vlm.apps.demo import synthetic_samples
+    from himap_vlm.apps.eval.tasks import get_task
 
     samples = synthetic_samples(10, 16)  # below the 24 px the 3 x 3 grid needs: drawn at 24
     task = get_task("synthetic")

@@ -1,4 +1,4 @@
-"""The embedded tiny trained LLaVA (``src/himap/assets/tiny_llava``), when this build ships it.
+"""The embedded tiny trained LLaVA (``src/himap_vlm/assets/tiny_llava``), when this build ships it.
 
 Skipped, with the reason, in a build without the model. The benchmark it is evaluated on is
 checked in ``tests/test_synthetic.py``: the generator is deterministic per seed
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from himap import FastV, HiMAP, RandomPrune, assets
+from himap_vlm import FastV, HiMAP, RandomPrune, assets
 
 torch.set_num_threads(1)
 
@@ -49,8 +49,8 @@ def test_files_are_small_and_documented():
 
 
 def test_loads_offline_with_stock_classes(loaded):
-    from himap.families import resolve_family
-    from himap.tinyllava import TrainedTinyLlavaSpec, format_prompt
+    from himap_vlm.core.families import resolve_family
+    from himap_vlm.models.tiny_llava import TrainedTinyLlavaSpec, format_prompt
 
     model, processor = loaded
     spec = TrainedTinyLlavaSpec()
@@ -63,7 +63,7 @@ def test_loads_offline_with_stock_classes(loaded):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == format_prompt(question)
-    from himap.data.synthetic import SceneQAConfig, load_synthetic
+    from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic
 
     image = load_synthetic("test", 1, SceneQAConfig(image_size=spec.image_size))[0]["image"]
     enc = processor(images=[image], text=[prompt], return_tensors="pt")
@@ -72,8 +72,8 @@ def test_loads_offline_with_stock_classes(loaded):
 
 
 def test_dense_accuracy_on_held_out_questions(loaded, tmp_path):
-    from himap.demo import synthetic_samples
-    from himap.eval.runner import evaluate
+    from himap_vlm.apps.demo import synthetic_samples
+    from himap_vlm.apps.eval.runner import evaluate
 
     model, processor = loaded
     samples = synthetic_samples(N_ACCURACY, model.config.vision_config.image_size)
@@ -101,8 +101,8 @@ def test_dense_accuracy_on_held_out_questions(loaded, tmp_path):
 )
 def test_method_that_prunes_nothing_equals_dense(loaded, make):
     """Hooks installed but every image token kept: same logits and same greedy answers as dense."""
-    from himap.data.synthetic import SceneQAConfig, load_synthetic
-    from himap.tinyllava import TrainedTinyLlavaSpec, format_prompt
+    from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic
+    from himap_vlm.models.tiny_llava import TrainedTinyLlavaSpec, format_prompt
 
     model, processor = loaded
     records = load_synthetic("test", 24, SceneQAConfig(image_size=model.config.vision_config.image_size))
@@ -127,7 +127,7 @@ def test_method_that_prunes_nothing_equals_dense(loaded, make):
 def test_demo_runs_on_the_embedded_model_by_default(tmp_path):
     from typer.testing import CliRunner
 
-    from himap.cli import _load_commands, app
+    from himap_vlm.apps.cli import _load_commands, app
 
     _load_commands()
     res = CliRunner().invoke(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
-from himap import Dense, FastV, HiMAP, RandomPrune
-from himap.methods.base import kept_count
+from himap_vlm import Dense, FastV, HiMAP, RandomPrune
+from himap_vlm.core.methods.base import kept_count
 from reference import _positions, explicit_attention_maps, masked_reference_logits
 
 METHOD_FACTORIES = {

@@ -1,6 +1,6 @@
 """Engine equivalence tests on a tiny offline model of every supported family beyond LLaVA-1.5.
 
-Each family (see :mod:`himap.testing_families`) is checked for: pruning nothing equals dense;
+Each family (see :mod:`himap_vlm.models.tiny_families`) is checked for: pruning nothing equals dense;
 KV-cache generation on shortened layers equals a full-length eager run that masks the dropped
 tokens instead (the reference below, generalised through the family records: decoder layers,
 the model's own positions — 3-D M-RoPE for Qwen-VL — and per-layer-type masks with image blocks
@@ -17,10 +17,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from himap import VTW, Dense, FastV, HiMAP, RandomPrune  # noqa: E402
-from himap.families import layer_type, resolve_family, supported_classes  # noqa: E402
-from himap.methods.base import kept_count  # noqa: E402
-from himap.testing_families import FAMILY_BUILDERS, TinyFamily, build_tiny_family, word_id  # noqa: E402
+from himap_vlm import VTW, Dense, FastV, HiMAP, RandomPrune  # noqa: E402
+from himap_vlm.core.families import layer_type, resolve_family, supported_classes  # noqa: E402
+from himap_vlm.core.methods.base import kept_count  # noqa: E402
+from himap_vlm.models.tiny_families import FAMILY_BUILDERS, TinyFamily, build_tiny_family, word_id  # noqa: E402
 
 FAMILIES = sorted(FAMILY_BUILDERS)
 
@@ -370,11 +370,9 @@ def test_qwen3_vl_refuses_pruning_before_deepstack():
 
 def test_dynamic_method_runs_on_every_family(fam):
     """VisiPruner (per-layer, per-sample decisions and attention edits) generates on every family."""
-    import himap
+    from himap_vlm import VisiPruner
 
-    if not hasattr(himap, "VisiPruner"):  # pragma: no cover - added alongside this file
-        pytest.skip("VisiPruner is not available")
-    method = himap.VisiPruner(
+    method = VisiPruner(
         shallow_layers=max(2, first_layer(fam)), cosine_threshold=0.9999, l2_threshold=0.0, exit_threshold=0.99999
     )
     inputs = fam.inputs([MULTI, PROMPTS[1]], [[1, 2], [0]])

@@ -1,4 +1,4 @@
-"""Tests of :mod:`himap.flops` and the ``himap flops`` command (CPU, tiny models, seconds)."""
+"""Tests of :mod:`himap_vlm.apps.flops` and the ``himap flops`` command (CPU, tiny models, seconds)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from himap.flops import (
+from himap_vlm.apps.flops import (
     FlopsReport,
     Layout,
     TextDims,
@@ -128,10 +128,10 @@ def test_keep_count_and_schedules():
 
 
 def test_schedules_match_method_classes():
-    methods = pytest.importorskip("himap.methods")
+    methods = pytest.importorskip("himap_vlm.core.methods")
     get_method = getattr(methods, "get_method", None)
     if get_method is None:
-        pytest.skip("himap.methods.get_method not available yet")
+        pytest.skip("himap_vlm.core.methods.get_method not available yet")
     cases = [
         ("dense", {}),
         ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
@@ -227,7 +227,7 @@ def test_exact_decode_step_matches_torch_flop_counter():
 
 
 def test_vision_tower_and_projector_match_torch_flop_counter():
-    testing = pytest.importorskip("himap.testing")
+    testing = pytest.importorskip("himap_vlm.models.tiny")
     model, processor = testing.build_tiny_llava(attn_implementation="eager", num_layers=2)
     inputs = processor(
         images=testing.example_image(24), text="<image> what is in the picture ?", return_tensors="pt"
@@ -285,8 +285,8 @@ def test_kv_bytes_pruned_and_batched(dims7b):
 
 def test_kv_bytes_equal_real_cache_after_pruned_prefill():
     """KV bytes equal the sizes of the real cache tensors after a pruned prefill (engine)."""
-    from himap.methods import FastV, HiMAP
-    from himap.testing import build_tiny_llava, example_image
+    from himap_vlm.core.methods import FastV, HiMAP
+    from himap_vlm.models.tiny import build_tiny_llava, example_image
 
     model, processor = build_tiny_llava(num_layers=6, num_heads=4, num_kv_heads=2, image_size=16)
     dims = TextDims.from_config(model.config)
@@ -306,8 +306,8 @@ def test_kv_bytes_equal_real_cache_after_pruned_prefill():
 
 
 def test_layout_from_inputs_and_flops_ratio_for_run():
-    from himap.methods import Dense, HiMAP
-    from himap.testing import build_tiny_llava, example_image
+    from himap_vlm.core.methods import Dense, HiMAP
+    from himap_vlm.models.tiny import build_tiny_llava, example_image
 
     model, processor = build_tiny_llava(num_layers=6, image_size=16)
     img = model.config.image_token_id
@@ -361,7 +361,7 @@ def test_batched_counts_reduce(dims7b):
 
 
 def test_presets_are_package_data():
-    root = resources.files("himap.presets")
+    root = resources.files("himap_vlm.apps.presets")
     assert (root / "llava-1.5-7b.json").is_file() and (root / "llava-1.5-13b.json").is_file()
     assert {"llava-1.5-7b", "llava-1.5-13b"} <= set(list_presets())
     vision = VisionDims.from_config("llava-1.5-7b")
@@ -455,7 +455,7 @@ def test_value_errors(dims7b, call, match):
 
 
 def invoke(args: list[str]):
-    from himap.cli import _load_commands, app
+    from himap_vlm.apps.cli import _load_commands, app
 
     _load_commands()
     # A typer app with a single command and no callback runs that command at the top level.

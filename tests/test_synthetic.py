@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from himap.data import synthetic as syn
-from himap.data.synthetic import (
+from himap_vlm.apps.data import synthetic as syn
+from himap_vlm.apps.data.synthetic import (
     FAMILIES,
     VOCABULARY,
     SceneQAConfig,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
-from himap import Dense, VisiPruner, get_method
-from himap.engine import LastTokenContributions
-from himap.methods.base import AttentionEdit
+from himap_vlm import Dense, VisiPruner, get_method
+from himap_vlm.core.engine import LastTokenContributions
+from himap_vlm.core.methods.base import AttentionEdit
 from reference import _positions, explicit_attention_maps, masked_reference_logits
 
 NO_OP = dict(shallow_layers=0, cosine_threshold=-1.0)
@@ -409,7 +409,7 @@ def test_edited_cache_equals_recomputing_without_cache(batch_inputs):
 @pytest.mark.parametrize("family", ["gemma3", "qwen2-vl"])
 def test_other_families_cache_consistency(family):
     """Sliding-window caches (Gemma3) and M-RoPE (Qwen2-VL) with the shallow edits."""
-    testing_families = pytest.importorskip("himap.testing_families")
+    testing_families = pytest.importorskip("himap_vlm.models.tiny_families")
     f = testing_families.build_tiny_family(family)
     prompts = ["user : <image> what is in the picture ? answer with one word . assistant :", "<image> describe the image"]
     inputs = f.inputs(prompts, [[0], [1]])

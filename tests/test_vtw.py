@@ -9,10 +9,10 @@ import torch
 from transformers import DynamicCache
 
 from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
-from himap import VTW, get_method
-from himap.calibrate import calibrate_vtw, choose_layer, first_token_kl, vtw_kl_curve
-from himap.prompting import build_inputs, build_prompt
-from himap.testing import TinyLlavaSpec, build_tiny_llava
+from himap_vlm import VTW, get_method
+from himap_vlm.apps.calibrate import calibrate_vtw, choose_layer, first_token_kl, vtw_kl_curve
+from himap_vlm.apps.prompting import build_inputs, build_prompt
+from himap_vlm.models.tiny import TinyLlavaSpec, build_tiny_llava
 from reference import _positions, masked_reference_logits
 
 
@@ -253,9 +253,9 @@ def test_prompt_format():
 def test_cli_calibrate_vtw(tmp_path):
     from typer.testing import CliRunner
 
-    from himap.cli import _load_commands, app
-    from himap.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
-    from himap.testing import save_tiny_llava
+    from himap_vlm.apps.cli import _load_commands, app
+    from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
+    from himap_vlm.models.tiny import save_tiny_llava
 
     model_dir = save_tiny_llava(tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())

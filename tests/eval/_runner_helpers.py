@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from himap.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
-from himap.testing import TinyLlavaSpec, save_tiny_llava
+from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic, write_jsonl
+from himap_vlm.models.tiny import TinyLlavaSpec, save_tiny_llava
 
 N_SAMPLES = 12
 SPEC = TinyLlavaSpec(image_size=16, num_layers=4, hidden_size=32)

@@ -6,12 +6,12 @@ import doctest
 
 import pytest
 
-import himap.eval.metrics.cider
-import himap.eval.metrics.vqa
-import himap.eval.tasks
+import himap_vlm.apps.eval.metrics.cider
+import himap_vlm.apps.eval.metrics.vqa
+import himap_vlm.apps.eval.tasks
 
 
-@pytest.mark.parametrize("module", [himap.eval.metrics.vqa, himap.eval.metrics.cider, himap.eval.tasks])
+@pytest.mark.parametrize("module", [himap_vlm.apps.eval.metrics.vqa, himap_vlm.apps.eval.metrics.cider, himap_vlm.apps.eval.tasks])
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0

@@ -15,11 +15,11 @@ import pytest
 import torch
 from _runner_helpers import single_thread, tiny_eval_env
 
-from himap.eval import get_task
-from himap.eval.methods_spec import MethodSpecError
-from himap.integrations import lmms_eval as plugin
-from himap.integrations.lmms_eval import HimapEvalModel, _stop_at
-from himap.prompting import build_prompt
+from himap_vlm.apps.eval import get_task
+from himap_vlm.apps.eval.methods_spec import MethodSpecError
+from himap_vlm.apps.integrations import lmms_eval as plugin
+from himap_vlm.apps.integrations.lmms_eval import HimapEvalModel, _stop_at
+from himap_vlm.apps.prompting import build_prompt
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 TASK, SPLIT = "synth_mini", "test"
@@ -70,8 +70,8 @@ def _wrapper(env, docs, **kwargs) -> HimapEvalModel:
 
 
 def test_imports_without_lmms_eval_and_plugin_metadata():
-    assert plugin.MODEL_ID == "himap" and plugin.CLASS_PATH == "himap.integrations.lmms_eval.HimapLMMS"
-    legacy = importlib.import_module("himap.integrations.models")
+    assert plugin.MODEL_ID == "himap" and plugin.CLASS_PATH == "himap_vlm.apps.integrations.lmms_eval.HimapLMMS"
+    legacy = importlib.import_module("himap_vlm.apps.integrations.models")
     assert legacy.AVAILABLE_MODELS == {"himap": "HimapLMMS"}
     if not HAS_LMMS:
         with pytest.raises(ImportError, match="pip install 'himap\\[lmms\\]'"):
@@ -91,7 +91,7 @@ def test_generate_until_matches_direct_generation_and_records_counts(env, docs):
     inputs = env.processor(
         images=[doc["image"]], text=build_prompt(env.processor, doc["question"], 1), return_tensors="pt"
     )
-    from himap.methods import HiMAP
+    from himap_vlm.core.methods import HiMAP
 
     with torch.no_grad(), HiMAP(k1=1, r1=0.5, k2=2, r2=0.5)(env.model):
         out = env.model.generate(**inputs, max_new_tokens=3, do_sample=False)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from himap.eval.metrics import (
+from himap_vlm.apps.eval.metrics import (
     binary_stats,
     cider_d,
     format_options,

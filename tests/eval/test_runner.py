@@ -1,4 +1,4 @@
-"""``himap eval`` and :func:`himap.eval.runner.evaluate`: results, resuming, sharding, errors (tiny model, offline)."""
+"""``himap eval`` and :func:`himap_vlm.apps.eval.runner.evaluate`: results, resuming, sharding, errors (tiny model, offline)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 from _runner_helpers import N_SAMPLES, single_thread, tiny_eval_env
 from typer.testing import CliRunner
 
-from himap.cli import _load_commands, app
-from himap.eval import get_task
-from himap.eval.methods_spec import MethodSpec, MethodSpecError, parse_method_args, parse_methods
-from himap.eval.runner import PREDICTIONS, evaluate, finalize, read_predictions
+from himap_vlm.apps.cli import _load_commands, app
+from himap_vlm.apps.eval import get_task
+from himap_vlm.apps.eval.methods_spec import MethodSpec, MethodSpecError, parse_method_args, parse_methods
+from himap_vlm.apps.eval.runner import PREDICTIONS, evaluate, finalize, read_predictions
 
 _load_commands()
 cli = CliRunner()
@@ -259,7 +259,7 @@ def test_accelerate_launch_two_processes(env, tmp_path):
     out = tmp_path / "out"
     launch = "-m accelerate.commands.launch --num_processes 2 --cpu --num_machines 1 --mixed_precision no"
     launch += f" --dynamo_backend no --main_process_port {_free_port()}"
-    run = f"-m himap eval --model {env.model_dir} --task synthetic --data {env.data_dir} --out {out}"
+    run = f"-m himap_vlm eval --model {env.model_dir} --task synthetic --data {env.data_dir} --out {out}"
     run += " --methods dense,fastv(k=1,r=0.5) --limit 5 --batch-size 2 --max-new-tokens 2 --no-progress"
     cmd = [sys.executable, *launch.split(), *run.split()]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -8,8 +8,16 @@ import pytest
 from _eval_helpers import make_image, pil, save_hf, write_jsonl
 from PIL import Image
 
-from himap.eval import DataFormatError, MissingImageError, Sample, Task, get_task, list_tasks, register_task
-from himap.eval.io import HFImageRef
+from himap_vlm.apps.eval import (
+    DataFormatError,
+    MissingImageError,
+    Sample,
+    Task,
+    get_task,
+    list_tasks,
+    register_task,
+)
+from himap_vlm.apps.eval.io import HFImageRef
 
 ALL_TASKS = [
     "aokvqa_mc",

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from _eval_helpers import make_image, pil, save_hf, write_json, write_jsonl
 
-from himap.eval import DataFormatError, get_task
-from himap.eval.metrics import cider_d
+from himap_vlm.apps.eval import DataFormatError, get_task
+from himap_vlm.apps.eval.metrics import cider_d
 
 CAPTION = "Provide a one-sentence caption for the provided image."
 

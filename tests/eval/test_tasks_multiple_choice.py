@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from _eval_helpers import make_image, pil, save_hf, write_json
 
-from himap.eval import DataFormatError, MissingImageError, get_task
+from himap_vlm.apps.eval import DataFormatError, MissingImageError, get_task
 
 INSTR = "Answer with the option's letter from the given choices directly."
 

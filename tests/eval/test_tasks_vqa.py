@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from _eval_helpers import make_image, pil, save_hf, write_json, write_jsonl
 
-from himap.eval import DataFormatError, get_task
+from himap_vlm.apps.eval import DataFormatError, get_task
 
 SHORT = "Answer the question using a single word or phrase."
 TEN_DOGS = ["dog"] * 10

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from _eval_helpers import make_image, pil, save_hf, write_jsonl
 
-from himap.eval import DataFormatError, Sample, get_task
-from himap.eval.tasks.mme import parse_mme_answer
-from himap.eval.tasks.pope import parse_pope_answer
+from himap_vlm.apps.eval import DataFormatError, Sample, get_task
+from himap_vlm.apps.eval.tasks.mme import parse_mme_answer
+from himap_vlm.apps.eval.tasks.pope import parse_pope_answer
 
 SHORT = "Answer the question using a single word or phrase."
 

@@ -1,3 +1,0 @@
-from himap.cli import main
-
-main()

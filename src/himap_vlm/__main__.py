@@ -1,0 +1,3 @@
+from himap_vlm.apps.cli import main
+
+main()

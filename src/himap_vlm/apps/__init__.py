@@ -1,0 +1,1 @@
+"""Applications built on the core: analysis, FLOPs, benchmarks, evaluation, demo, calibration, CLI."""

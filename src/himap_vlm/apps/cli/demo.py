@@ -1,0 +1,149 @@
+"""``himap demo``: dense and every pruning method on the embedded tiny LLaVA, offline, in about a minute.
+
+Examples
+--------
+::
+
+    himap demo                                   # the embedded model, 300 questions, every method
+    himap demo --out runs/demo --n 500 --methods dense,himap,fastv
+    himap demo --methods "himap,fastv(k=2,r=0.9)"   # a name alone: paper default + budgets
+    himap demo --model runs/tiny-llava/final     # another model (e.g. from scripts/train_tiny_llava.py)
+
+See :mod:`himap_vlm.apps.demo` for what is measured and how the configurations are chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from himap_vlm.apps.cli._app import app
+from himap_vlm.apps.cli._common import fail, load_model
+from himap_vlm.apps.demo import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_N,
+    DEFAULT_TIMING_REPEATS,
+    DEFAULT_TIMING_SAMPLES,
+)
+
+SMALL_MODEL_PARAMETERS = 100_000_000
+"""Below this many parameters the demo runs on one CPU thread unless ``--threads`` says otherwise."""
+
+MISSING_MODEL = (
+    "the embedded model is not shipped in this build; pass --model PATH "
+    "(e.g. a model trained with scripts/train_tiny_llava.py)"
+)
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(
+        Path("himap-demo"),
+        "--out",
+        help="Folder for demo.json, demo.png and the per-configuration predictions.",
+    ),
+    n: int = typer.Option(DEFAULT_N, "--n", min=1, help="Held-out synthetic test questions to evaluate."),
+    methods: list[str] = typer.Option(
+        [],
+        "--methods",
+        help=(
+            "Comma-separated methods (default: all). A name alone runs its paper default scaled to the "
+            'model depth plus two budgets; NAME(KEY=VALUE,...) runs that configuration only, e.g. "fastv(k=2,r=0.9)". '
+            "Dense is always run."
+        ),
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="A model directory to use instead of the embedded tiny LLaVA."
+    ),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Questions per generate call."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the synthetic questions."),
+    max_new_tokens: int = typer.Option(
+        DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", min=1, help="Generated tokens per answer."
+    ),
+    timing_samples: int = typer.Option(
+        DEFAULT_TIMING_SAMPLES,
+        "--timing-samples",
+        min=0,
+        help="Questions whose prefill is timed (0: no timing).",
+    ),
+    timing_repeats: int = typer.Option(
+        DEFAULT_TIMING_REPEATS, "--timing-repeats", min=1, help="Interleaved timing rounds."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help=f"torch CPU threads (default: 1 for models under {SMALL_MODEL_PARAMETERS // 10**6} M parameters, "
+        "where threading overhead dominates, else torch's default).",
+    ),
+    by_family: bool = typer.Option(
+        False, "--by-family", help="Add per-family accuracy columns to the table."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while it runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print demo.json's content instead of the table."),
+) -> None:
+    """Evaluate dense and the pruning methods on held-out questions: accuracy, FLOPs, measured speedup.
+
+    Loads the embedded tiny trained LLaVA (or --model), evaluates dense and every method at its paper
+    default scaled to the model depth plus two budgets on N held-out synthetic questions through the
+    runner of `himap eval`, times the prefill of each configuration against dense in the same process,
+    prints a table and writes OUT/demo.json and OUT/demo.png (accuracy vs FLOPs ratio).
+    """
+    import torch
+    from rich.console import Console
+
+    import himap_vlm.assets as assets
+    from himap_vlm.apps.demo import run_demo
+    from himap_vlm.apps.eval.methods_spec import MethodSpecError
+
+    embedded = model is None
+    if model is None:
+        path = assets.tiny_llava_path()
+        if not assets.has_tiny_llava(path):
+            fail(MISSING_MODEL)
+    else:
+        path = model
+        if not path.exists():
+            fail(f"model path {str(path)!r} does not exist")
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    with console.status(f"loading {'the embedded model' if embedded else path}", spinner="dots"):
+        net, processor = load_model(str(path))
+    if threads is None and sum(p.numel() for p in net.parameters()) < SMALL_MODEL_PARAMETERS:
+        # A tiny model runs many small kernels: extra threads only add synchronisation, and on a
+        # busy machine a descheduled thread stalls every kernel (measured: minutes instead of seconds).
+        torch.set_num_threads(1)
+    try:
+        result = run_demo(
+            net,
+            processor,
+            out,
+            n=n,
+            methods=methods or None,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            timing_samples=timing_samples,
+            timing_repeats=timing_repeats,
+            model_source=str(path),
+            model_name="tiny_llava" if embedded else None,
+            embedded=embedded,
+            progress=progress,
+            console=console,
+            command=["himap", *sys.argv[1:]],
+        )
+    except MethodSpecError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        result.print(Console(width=None if sys.stdout.isatty() else 140), by_family=by_family)

@@ -1,0 +1,158 @@
+"""``himap eval``: evaluate several pruning configurations on a benchmark with one model load.
+
+Examples
+--------
+::
+
+    himap eval --model llava-hf/llava-1.5-7b-hf --task scienceqa_img --data playground/data/eval/scienceqa \\
+        --methods "dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv(k=2,r=0.5)" --batch-size 8 --out runs/
+
+    himap eval ... --methods dense,himap,fastv --method-args "himap:k1=2,r1=0.5,k2=8,r2=0.75;fastv:k=2,r=0.5"
+
+    accelerate launch --num_processes 4 -m himap_vlm eval ...     # data parallel, one model per process
+
+``--methods`` is a comma-separated list of ``NAME`` or ``NAME(KEY=VALUE,...)``; the same method
+may appear with several parameter sets, and the option may be repeated. ``--method-args``
+(``METHOD:KEY=VALUE,...;METHOD:...``, repeatable) gives parameters to every configuration of a
+method; parameters in parentheses win. See :mod:`himap_vlm.apps.eval.methods_spec` and
+:mod:`himap_vlm.apps.eval.runner` for the result folders, resuming and the FLOPs ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from himap_vlm.apps.cli._app import app
+from himap_vlm.apps.cli._common import fail, load_model
+
+
+def _task_options(pairs: list[str]) -> dict:
+    from himap_vlm.apps.eval.methods_spec import coerce_value
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--task-option expects KEY=VALUE; got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = coerce_value(value)
+    return out
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="Local model directory (or hub id when online)."),
+    task: str = typer.Option(..., "--task", help="Benchmark: scienceqa_img, pope, mme, gqa, ..., synthetic."),
+    data: str | None = typer.Option(
+        None, "--data", help="The task's data (folder, file, saved dataset); default: the task's hub dataset."
+    ),
+    out: Path = typer.Option(..., "--out", help="Results root: <out>/<task>/<model>/<configuration>/."),
+    methods: list[str] = typer.Option(
+        ["dense"],
+        "--methods",
+        help='Configurations, e.g. "dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv(k=2,r=0.5)" (repeatable).',
+    ),
+    method_args: list[str] = typer.Option(
+        [],
+        "--method-args",
+        help='Parameters per method, e.g. "himap:k1=2,r1=0.5;fastv:k=2,r=0.5" (repeatable).',
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=0, help="Evaluate only the first N samples."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", min=1, help="Samples per generate call (left padding)."
+    ),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Default: the task's."),
+    split: str | None = typer.Option(None, "--split", help="Dataset split, where the task has several."),
+    image_dir: Path | None = typer.Option(
+        None, "--image-dir", help="Folder the image paths are relative to."
+    ),
+    annotations: Path | None = typer.Option(None, "--annotations", help="Answer/annotation file."),
+    task_option: list[str] = typer.Option([], "--task-option", help="Task option KEY=VALUE (repeatable)."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Folder name of the model in the results."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    attn_implementation: str | None = typer.Option(
+        None, "--attn-implementation", help="sdpa (default), eager, ..."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar with samples/s."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+) -> None:
+    """Evaluate pruning configurations on a benchmark: resumable, batched, data parallel."""
+    from himap_vlm.apps.eval import DataFormatError, MissingImageError, get_task
+    from himap_vlm.apps.eval.methods_spec import MethodSpecError, parse_methods
+    from himap_vlm.apps.eval.runner import evaluate
+
+    try:
+        specs = parse_methods(methods, method_args)
+    except MethodSpecError as exc:
+        fail(str(exc))
+    try:
+        task_obj = get_task(task, **_task_options(task_option))
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = None
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState()
+    try:
+        samples = task_obj.load(data, split=split, limit=limit, image_dir=image_dir, annotations=annotations)
+    except MissingImageError as exc:
+        fail(f"missing image: {exc}")
+    except DataFormatError as exc:
+        fail(f"malformed data: {exc}")
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        fail(str(exc))
+    if not samples:
+        fail(f"{task_obj.name}: no samples in {data!r}" + (f" (limit={limit})" if limit is not None else ""))
+
+    net, processor = load_model(model, attn_implementation, dtype)
+    import torch
+
+    if state is not None:
+        target = state.device
+    elif device == "auto":
+        target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            target = torch.device(device)
+        except RuntimeError as exc:
+            fail(f"--device: {exc}")
+    net.to(target)
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    is_main = state is None or state.is_main_process
+    try:
+        results = evaluate(
+            net,
+            processor,
+            task_obj,
+            samples,
+            specs,
+            out,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            model_name=model_name,
+            model_source=model,
+            progress=progress,
+            console=console,
+        )
+    except (MissingImageError, DataFormatError) as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    if not is_main:
+        return
+    if as_json:
+        typer.echo(json.dumps(results.to_dict(), indent=2))
+    else:
+        results.print(Console())

@@ -1,0 +1,1 @@
+"""Model builders: tiny random models for tests and examples, and the models the package ships."""
