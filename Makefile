@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 .PHONY: env test lint demo generate train-model ship-model clean
 
-$(BIN)/himap: pyproject.toml
+$(BIN)/himap: pyproject.toml constraints.txt
 	bash scripts/bootstrap.sh
 	@touch $@
 

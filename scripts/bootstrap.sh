@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# Create .venv and install himap (editable, with dev extras) into it. Idempotent.
+# Create a virtual environment and install himap-vlm (editable, with dev extras) into it. Idempotent.
+#
+#   bash scripts/bootstrap.sh [VENV] [--transformers SPEC]
+#
+# VENV defaults to .venv. Without --transformers, every package comes from constraints.txt (the
+# known-good versions that `make demo` / `make test` use, whatever day they run). With it, the
+# constraints are not used and transformers is installed as SPEC (e.g. "transformers==5.10.1" for
+# the declared floor, or "newest" for the newest release the package index serves within the
+# range pyproject.toml declares): that is how .ci/run tests the supported range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
+VENV=".venv"
+SPEC=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --transformers) SPEC="$2"; shift 2 ;;
+        *) VENV="$1"; shift ;;
+    esac
+done
 if ! command -v uv >/dev/null 2>&1; then
     "$PY" -m pip install --quiet uv
 fi
-if [ ! -x .venv/bin/python ]; then
-    uv venv --quiet --python "$PY" .venv
+if [ ! -x "$VENV/bin/python" ]; then
+    uv venv --quiet --python "$PY" "$VENV"
 fi
+UVPIP=(uv pip install --quiet --python "$VENV/bin/python")
 # torch: prefer a CPU wheel shipped with the machine (no multi-GB CUDA download on CPU boxes).
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     wheel="$(ls /opt/wheels/torch-*-cp3*.whl 2>/dev/null | head -n1 || true)"
     if [ -n "$wheel" ]; then
-        uv pip install --quiet --python .venv/bin/python "$wheel"
+        "${UVPIP[@]}" "$wheel"
     fi
 fi
-uv pip install --quiet --python .venv/bin/python -e ".[dev]"
+if [ -z "$SPEC" ]; then
+    "${UVPIP[@]}" -c constraints.txt -e ".[dev]"
+elif [ "$SPEC" = "newest" ]; then
+    floor=$("$VENV/bin/python" -c "import re;print(re.search(r'\"(transformers[^\"]*)\"', open('pyproject.toml').read()).group(1))")
+    "${UVPIP[@]}" --upgrade -e ".[dev]" "$floor"
+else
+    "${UVPIP[@]}" -e ".[dev]" "$SPEC"
+fi

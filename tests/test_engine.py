@@ -7,6 +7,7 @@ import torch
 
 from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
 from himap_vlm import Dense, FastV, HiMAP, RandomPrune
+from himap_vlm.core import contract
 from himap_vlm.core.methods.base import kept_count
 from reference import _positions, explicit_attention_maps, masked_reference_logits
 
@@ -142,7 +143,7 @@ def test_pruned_caches_are_shorter():
 
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad(), FastV(k=2, r=0.5)(model):
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **contract.cache_call_kwargs(model, cache), use_cache=True)
     lengths = [cache.layers[i].keys.shape[-2] for i in range(num_layers(model))]
     assert lengths[:2] == [s, s]
     assert all(length == s - (n_img - kept_count(n_img, 0.5)) for length in lengths[2:])

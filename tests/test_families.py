@@ -18,6 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from himap_vlm import VTW, Dense, FastV, HiMAP, RandomPrune  # noqa: E402
+from himap_vlm.core import contract
 from himap_vlm.core.families import layer_type, resolve_family, supported_classes  # noqa: E402
 from himap_vlm.core.methods.base import kept_count  # noqa: E402
 from himap_vlm.models.tiny_families import FAMILY_BUILDERS, TinyFamily, build_tiny_family, word_id  # noqa: E402
@@ -99,6 +100,7 @@ def base_allowed(f: TinyFamily, full: dict) -> dict[str, torch.Tensor]:
     b, t = ids.shape
     idx = torch.arange(t)
     allowed = (idx[None, :] <= idx[:, None])[None].expand(b, t, t)
+    blocks = None
     if resolve_family(f.model).bidirectional_image_blocks and "token_type_ids" in full:
         blocks = _block_ids((full["token_type_ids"] == 1) & mask)
         allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
@@ -106,7 +108,10 @@ def base_allowed(f: TinyFamily, full: dict) -> dict[str, torch.Tensor]:
     for kind in {layer_type(f.text_config, i) for i in range(f.num_layers)}:
         a = allowed
         if kind == "sliding_attention":
-            a = a & ((idx[:, None] - idx[None, :]) < int(f.text_config.sliding_window))[None]
+            window = ((idx[:, None] - idx[None, :]) < int(f.text_config.sliding_window))[None]
+            if blocks is not None and contract.image_blocks_override_window():  # transformers < 5.13
+                window = window | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+            a = a & window
         out[kind] = a & mask[:, None, :]
     return out
 
@@ -349,9 +354,9 @@ def test_qwen_decode_positions_follow_rope_deltas(name):
     cache = DynamicCache(config=f.text_config)
     nxt = torch.tensor([[word_id("yes")]])
     with torch.no_grad(), method(f.model) as run:
-        f.model(**inputs, past_key_values=cache, use_cache=True)
+        f.model(**inputs, **contract.cache_call_kwargs(f.model, cache), use_cache=True)
         lengths = [cache.layers[i].keys.shape[-2] for i in range(f.num_layers)]
-        step = f.model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        step = f.model(input_ids=nxt, **contract.cache_call_kwargs(f.model, cache), use_cache=True).logits[:, -1].float()
     assert lengths[-1] < lengths[0] == inputs["input_ids"].shape[1]
     ref = masked_reference_logits(f, inputs, run.layer_positions, nxt)
     torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
 from himap_vlm import VTW, get_method
 from himap_vlm.apps.calibrate import calibrate_vtw, choose_layer, first_token_kl, vtw_kl_curve
 from himap_vlm.apps.prompting import build_inputs, build_prompt
+from himap_vlm.core import contract
 from himap_vlm.models.tiny import TinyLlavaSpec, build_tiny_llava
 from reference import _positions, masked_reference_logits
 
@@ -55,7 +56,7 @@ def test_no_image_token_or_image_kv_after_k(name, batch_inputs):
     k = num_layers(model) // 2
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad(), VTW(k=k)(model) as run:
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **contract.cache_call_kwargs(model, cache), use_cache=True)
     assert out.logits.shape[:2] == ids.shape and torch.isfinite(out.logits).all()
     counts = run.image_tokens_per_layer
     assert counts[:k] == [n_img.tolist()] * k

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from himap_vlm.core import contract
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotate half of the last dimension (the RoPE convention of Llama-style models)."""
@@ -147,6 +149,15 @@ def _window_by_position(positions: torch.Tensor, window: int) -> Callable[..., t
     return inner
 
 
+def _either(a: Callable[..., torch.Tensor], b: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mask function: ``a`` or ``b``."""
+
+    def inner(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+        return a(batch_idx, head_idx, q_idx, kv_idx) | b(batch_idx, head_idx, q_idx, kv_idx)
+
+    return inner
+
+
 def default_layer_mask(
     text_config: Any,
     layer_idx: int,
@@ -157,8 +168,8 @@ def default_layer_mask(
 ) -> Any:
     """Attention mask of one decoder layer for a (possibly shortened) sequence.
 
-    Built with transformers' own ``masking_utils`` so that its format matches the attention kernel
-    in use (SDPA, eager, flex). ``position_ids`` are deliberately not passed: gapped positions
+    Built with transformers' own mask builders (through :func:`himap_vlm.core.contract.layer_mask`) so
+    that its format matches the attention kernel in use (SDPA, eager, flex). ``position_ids`` are deliberately not passed: gapped positions
     would be read as packed sequences. Kept tokens stay in their original order, so causality by
     slot index equals causality by original position.
 
@@ -184,25 +195,25 @@ def default_layer_mask(
     context : LayerMaskContext, optional
         Original indices (and image blocks) of the key slots.
     """
-    from transformers import masking_utils
-
     window = layer_window(text_config, layer_idx)
-    kwargs: dict[str, Any] = dict(
-        config=text_config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        past_key_values=cache,
-        position_ids=None,
-        layer_idx=layer_idx,
+    and_fn = or_fn = None
+    if context is not None and window:
+        and_fn = _window_by_position(context.key_positions, int(window))
+    if context is not None and context.block_ids is not None:
+        or_fn = contract.blockwise_overlay(context.block_ids)
+        if and_fn is not None and contract.image_blocks_override_window():
+            # AND(OR(causal, block), OR(window, block)) = OR(AND(causal, window), block)
+            and_fn = _either(and_fn, or_fn)
+    return contract.layer_mask(
+        text_config,
+        layer_idx,
+        hidden,
+        mask2d,
+        cache,
+        sliding=bool(window),
+        and_mask_function=and_fn,
+        or_mask_function=or_fn,
     )
-    if context is None:
-        fn = masking_utils.create_sliding_window_causal_mask if window else masking_utils.create_causal_mask
-        return fn(**kwargs)
-    if window:
-        kwargs["and_mask_function"] = _window_by_position(context.key_positions, int(window))
-    if context.block_ids is not None:
-        kwargs["or_mask_function"] = masking_utils.blockwise_overlay(context.block_ids)
-    return masking_utils.create_causal_mask(**kwargs)
 
 
 def image_block_ids(is_image: torch.Tensor) -> torch.Tensor:

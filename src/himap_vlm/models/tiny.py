@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from himap_vlm.core import contract
+
 IMAGE_TOKEN = "<image>"
 
 # A small closed vocabulary: enough words for prompts in tests and the README example.
@@ -112,7 +114,7 @@ def build_processor(image_size: int = 24, patch_size: int = 4):
         Must match the vision tower of the model.
     """
     from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    LlavaImageProcessorPil = contract.llava_image_processor_class()
 
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -211,7 +213,7 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, **overrides: Any):
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = tok.bos_token_id
     model.eval()
-    model.set_attn_implementation(spec.attn_implementation)
+    contract.set_attn_implementation(model, spec.attn_implementation)
     return model, processor
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from himap_vlm.core import contract
+
 VOCAB_SIZE = 160
 PAD, BOS, EOS = 0, 1, 2
 IMAGE = 3  # the image placeholder id of every tiny family
@@ -85,7 +87,7 @@ class TinyFamily:
         self.model = self.build_model()
         self._spread_init()
         self.model.eval()
-        self.model.set_attn_implementation(attn)
+        contract.set_attn_implementation(self.model, attn)
         gen_cfg = self.model.generation_config
         gen_cfg.pad_token_id = PAD
         gen_cfg.eos_token_id = None
@@ -310,7 +312,7 @@ class TinyLlavaNext(TinyFamily):
         return LlavaNextForConditionalGeneration(config)
 
     def _num_patches(self, size: tuple[int, int]) -> int:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        image_size_to_num_patches = contract.image_size_to_num_patches()
 
         cfg = self.model.config
         return image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
@@ -403,7 +405,7 @@ class TinyQwen2VL(TinyFamily):
     name = "qwen2-vl"
 
     def vision_config(self, text_hidden: int):
-        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+        Qwen2VLVisionConfig = contract.private_config_class("qwen2_vl", "Qwen2VLVisionConfig")
 
         return Qwen2VLVisionConfig(
             depth=2, embed_dim=32, hidden_size=text_hidden, num_heads=4, mlp_ratio=2,
@@ -411,7 +413,7 @@ class TinyQwen2VL(TinyFamily):
         )
 
     def text_config_(self):
-        from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+        Qwen2VLTextConfig = contract.private_config_class("qwen2_vl", "Qwen2VLTextConfig")
 
         return Qwen2VLTextConfig(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=5,
@@ -475,7 +477,7 @@ class TinyQwen25VL(TinyQwen2VL):
     name = "qwen2.5-vl"
 
     def vision_config(self, text_hidden: int):
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+        Qwen2_5_VLVisionConfig = contract.private_config_class("qwen2_5_vl", "Qwen2_5_VLVisionConfig")
 
         return Qwen2_5_VLVisionConfig(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2, spatial_merge_size=2,
@@ -483,7 +485,7 @@ class TinyQwen25VL(TinyQwen2VL):
         )
 
     def text_config_(self):
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+        Qwen2_5_VLTextConfig = contract.private_config_class("qwen2_5_vl", "Qwen2_5_VLTextConfig")
 
         return Qwen2_5_VLTextConfig(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=5,
@@ -504,7 +506,7 @@ class TinyQwen3VL(TinyQwen2VL):
     name = "qwen3-vl"
 
     def vision_config(self, text_hidden: int):
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+        Qwen3VLVisionConfig = contract.private_config_class("qwen3_vl", "Qwen3VLVisionConfig")
 
         return Qwen3VLVisionConfig(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=2, spatial_merge_size=2,
@@ -513,7 +515,7 @@ class TinyQwen3VL(TinyQwen2VL):
         )
 
     def text_config_(self):
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+        Qwen3VLTextConfig = contract.private_config_class("qwen3_vl", "Qwen3VLTextConfig")
 
         return Qwen3VLTextConfig(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
@@ -576,7 +578,7 @@ class TinyIdefics3(TinyFamily):
 
     def build_model(self) -> nn.Module:
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-        from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+        Idefics3VisionConfig = contract.private_config_class("idefics3", "Idefics3VisionConfig")
 
         vision = Idefics3VisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -623,7 +625,7 @@ class TinySmolVLM(TinyIdefics3):
 
     def build_model(self) -> nn.Module:
         from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-        from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+        SmolVLMVisionConfig = contract.private_config_class("smolvlm", "SmolVLMVisionConfig")
 
         vision = SmolVLMVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

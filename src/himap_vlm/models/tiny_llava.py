@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from himap_vlm.apps.data.synthetic import VOCABULARY
+from himap_vlm.core import contract
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -169,7 +170,7 @@ def build_processor(spec: TrainedTinyLlavaSpec | None = None) -> LlavaProcessor:
         :data:`CHAT_TEMPLATE`.
     """
     from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    LlavaImageProcessorPil = contract.llava_image_processor_class()
 
     spec = spec or TrainedTinyLlavaSpec()
     image_processor = LlavaImageProcessorPil(
@@ -248,7 +249,7 @@ def build_model(spec: TrainedTinyLlavaSpec | None = None) -> LlavaForConditional
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.max_new_tokens = 4
     model.generation_config.do_sample = False
-    model.set_attn_implementation("sdpa")
+    contract.set_attn_implementation(model, "sdpa")
     model.train()
     return model
 

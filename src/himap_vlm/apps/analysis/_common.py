@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from himap_vlm.apps.analysis.groups import TokenGroups, token_groups
+from himap_vlm.core import contract
 from himap_vlm.core.families import ModelFamily, resolve_family
 
 Progress = Callable[[int], None]
@@ -62,6 +63,9 @@ class AnalysisSession:
         self.attn_modules = [getattr(layer, self.family.attn_attr) for layer in self.layers]
         self.num_layers = len(self.layers)
         self.image_token_id = int(self.family.image_token_id(model.config))
+        self.contract = contract.check_model(
+            model, self.decoder, self.layers[0], self.attn_modules[0], needs_projections=False
+        )
         self._attn = attn_implementation
         self._freeze = freeze
         self._handles: list[Any] = []
@@ -76,7 +80,7 @@ class AnalysisSession:
         try:
             self.model.eval()
             if self._attn is not None and self._attn != self._saved_attn:
-                self.decoder.set_attn_implementation(self._attn)
+                contract.set_attn_implementation(self.decoder, self._attn)
             if self._freeze:
                 self._saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
                 for p, _ in self._saved_grad:
@@ -97,14 +101,14 @@ class AnalysisSession:
             p.requires_grad_(flag)
         self._saved_grad = []
         if self._saved_attn is not None and self.attn_implementation != self._saved_attn:
-            self.decoder.set_attn_implementation(self._saved_attn)
+            contract.set_attn_implementation(self.decoder, self._saved_attn)
         self.model.train(self._saved_training)
 
     # ------------------------------------------------------------------ helpers
     @property
     def attn_implementation(self) -> str:
         """The language model's current attention implementation."""
-        return str(getattr(self.decoder.config, "_attn_implementation", None) or "eager")
+        return contract.attn_implementation(self.decoder.config)
 
     def hook(self, handle: Any) -> Any:
         """Remember a hook handle; it is removed when the session ends."""

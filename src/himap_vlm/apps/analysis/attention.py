@@ -34,6 +34,7 @@ from himap_vlm.apps.analysis._common import (
     prepare_sample,
 )
 from himap_vlm.apps.analysis.groups import ALL_GROUPS, vector_group_sums
+from himap_vlm.core import contract
 
 DEFINITIONS: dict[str, str] = {
     "share": "sum over the group's tokens j of mean_h A_l[h, last, j] (last = last input token); groups add up "
@@ -138,7 +139,7 @@ def attention_share(
 
         def capture(layer_idx: int) -> Any:
             def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                weights = contract.attention_weights(output)
                 if weights is None:
                     raise RuntimeError(f"layer {layer_idx}: the attention module returned no weights")
                 rows[layer_idx] = weights[0, :, -1, :].float().mean(0)  # (S,)

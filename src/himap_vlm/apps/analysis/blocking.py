@@ -57,6 +57,7 @@ from himap_vlm.apps.analysis._common import (
     resolve_layers,
 )
 from himap_vlm.apps.analysis.groups import TokenGroups
+from himap_vlm.core import contract
 
 FLOWS: tuple[str, ...] = ("img2txt", "img2img", "img2rnd", "none")
 """Every flow :func:`block_flow` knows."""
@@ -160,15 +161,6 @@ def _blocked_pairs(spec: BlockSpec | None, offset: int, q_len: int, k_len: int, 
     return row_blocked[:, None] & col_blocked[None, :]
 
 
-def _cache_length(cache: Any, layer_idx: int) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length(layer_idx))
-    except (AttributeError, IndexError, TypeError):
-        return 0
-
-
 def _block_mask(
     mask: Any,
     specs: Sequence[BlockSpec | None],
@@ -232,7 +224,8 @@ def _install_block_hooks(session: AnalysisSession, layer_specs: Mapping[int, Seq
                 rows = rows * hidden.shape[0]  # one spec for every (identical) row
             if hidden.shape[0] != len(rows):
                 raise ValueError(f"flow blocking: batch of {hidden.shape[0]} rows, {len(rows)} blocking specs")
-            offset = _cache_length(kwargs.get("past_key_values"), layer_idx)
+            cache = session.contract.find_cache(kwargs, f"the attention module of layer {layer_idx}")
+            offset = contract.cache_length(cache, layer_idx)
             kwargs = dict(kwargs)
             kwargs["attention_mask"] = _block_mask(
                 kwargs.get("attention_mask"), rows, offset, hidden.shape[1], eager, hidden.dtype, hidden.device

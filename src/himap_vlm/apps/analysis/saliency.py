@@ -43,6 +43,7 @@ from himap_vlm.apps.analysis._common import (
     prepare_sample,
 )
 from himap_vlm.apps.analysis.groups import GROUPS, TokenGroups, group_sums
+from himap_vlm.core import contract
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``on_layer(layer, A, dL_dA)`` with ``A`` and ``dL_dA`` of shape (H, S, S) (one sample)."""
@@ -89,7 +90,7 @@ def _taylor_pass(session: AnalysisSession, inputs: Any, target_id: int, on_layer
 
     def capture(layer_idx: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            weights = contract.attention_weights(output)
             if weights is None:
                 raise RuntimeError(
                     f"layer {layer_idx}: the attention module returned no weights; the saliency needs the "

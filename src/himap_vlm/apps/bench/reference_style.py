@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from himap_vlm.core import contract
 from himap_vlm.core.engine import PruningRun
 from himap_vlm.core.methods.base import PruneStep, PruningMethod, ScoreRequest
 
@@ -200,9 +201,9 @@ class ReferenceStyleRun(PruningRun):
 
     def attach(self) -> ReferenceStyleRun:
         super().attach()
-        self._previous_attn = _attn_implementations(self.model)
+        self._previous_attn = contract.attn_implementations(self.model)
         try:
-            self.model.set_attn_implementation("eager")
+            contract.set_attn_implementation(self.model, "eager")
         except Exception:
             super().detach()
             raise
@@ -220,7 +221,7 @@ class ReferenceStyleRun(PruningRun):
             handle.remove()
         self._ref_handles.clear()
         if self._previous_attn is not None:
-            _restore_attn_implementations(self.model, self._previous_attn)
+            contract.restore_attn_implementations(self.model, self._previous_attn)
             self._previous_attn = None
         if self.method._run is self:
             self.method._run = None
@@ -235,8 +236,8 @@ class ReferenceStyleRun(PruningRun):
         self._mask = kwargs.get("attention_mask")
 
     def _ref_decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        cache = self.contract.find_cache(kwargs, "the language model")
+        past = contract.cache_length(cache)
         self._prefill_now = past == 0 and self._ids is not None
         if not self._prefill_now:
             return
@@ -257,7 +258,7 @@ class ReferenceStyleRun(PruningRun):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self._prefill_now or self.state is None:
                 return
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            weights = contract.attention_weights(output)
             if weights is None:
                 raise RuntimeError(
                     "reference-style: the attention module returned no attention weights; "
@@ -266,26 +267,6 @@ class ReferenceStyleRun(PruningRun):
             self.state.maps[step] = weights[0].detach()
 
         return hook
-
-
-def _attn_implementations(model: nn.Module) -> dict[str, Any]:
-    """The attention implementation of the model's config and of each sub-config."""
-    config = model.config
-    out = {"": getattr(config, "_attn_implementation", None)}
-    for key in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, key, None)
-        if sub is not None:
-            out[key] = getattr(sub, "_attn_implementation", None)
-    return out
-
-
-def _restore_attn_implementations(model: nn.Module, previous: dict[str, Any]) -> None:
-    subs = {k: v for k, v in previous.items() if k and v is not None}
-    top = previous.get("")
-    if subs:
-        model.set_attn_implementation({"": top, **subs} if top is not None else subs)
-    elif top is not None:
-        model.set_attn_implementation(top)
 
 
 def reference_generate(

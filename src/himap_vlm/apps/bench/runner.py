@@ -72,6 +72,7 @@ from torch import nn
 
 from himap_vlm.apps.bench.reference_style import ReferenceStyle, reference_generate
 from himap_vlm.apps.flops import Layout, flops_ratio_for_run, kv_cache_bytes, layout_from_inputs
+from himap_vlm.core import contract
 from himap_vlm.core.methods import get_method
 from himap_vlm.core.methods.base import PruningMethod
 
@@ -334,7 +335,8 @@ def greedy_generate(
     mask = inputs.get("attention_mask")
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-    cache = out.past_key_values
+    cache = contract.output_cache(out)
+    cache_kw = contract.cache_call_kwargs(model, cache)
     del out
     if on_step is not None:
         on_step(0)
@@ -346,7 +348,7 @@ def greedy_generate(
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(
-            input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=nxt, attention_mask=mask, use_cache=True, logits_to_keep=1, **cache_kw
         )
         nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         del out
@@ -720,7 +722,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "num_heads": int(text.num_attention_heads),
         "num_kv_heads": int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "attn_implementation": str(getattr(text, "_attn_implementation", None)),
+        "attn_implementation": contract.attn_implementation(text),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from himap_vlm.core import contract
 from himap_vlm.core.families import (
     LayerMaskContext,
     ModelFamily,
@@ -147,6 +148,7 @@ class _DecodeState:
     segment_mask2d: dict[int, torch.Tensor]  # segment -> (B, cache_len) allowed keys
     segment_positions: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> (B, cache_len)
     mask_cache: dict[Any, Any] = field(default_factory=dict)  # (segment, layer type) -> mask
+    step_len: int = 0  # tokens of the current continuation step
 
 
 def _gather_seq(x: Any, idx: torch.Tensor, seq_dim: int) -> Any:
@@ -167,27 +169,6 @@ def _gather_seq(x: Any, idx: torch.Tensor, seq_dim: int) -> Any:
     lead[seq_dim] = length
     index = idx.reshape(view).expand(*lead)
     return x.gather(seq_dim, index)
-
-
-def _check_cache_supported(cache: Any) -> None:
-    """Refuse caches whose layers cannot hold a different number of tokens per layer."""
-    from transformers import DynamicCache
-
-    layers = getattr(cache, "layers", None)
-    bad = type(cache).__name__ if not isinstance(cache, DynamicCache) else None
-    if bad is None and layers:
-        kinds = {type(layer).__name__ for layer in layers}
-        # sliding-window layers (Gemma3, Mistral) keep their own token count too; their masks are
-        # sized per layer (``layer_idx``) and their windows measured on original positions
-        ok = {"DynamicLayer", "DynamicSlidingWindowLayer"}
-        if kinds - ok:
-            bad = f"DynamicCache with {', '.join(sorted(kinds - ok))} layers"
-    if bad:
-        raise ValueError(
-            f"himap needs a plain DynamicCache (the default of generate) so that layers after a pruning "
-            f"step can hold fewer tokens; got {bad}. Drop cache_implementation=... (e.g. 'static') or pass "
-            f"past_key_values=DynamicCache(config=model.config.text_config)."
-        )
 
 
 class PruningRun:
@@ -230,6 +211,16 @@ class PruningRun:
         self.image_token_id = self.family.image_token_id(model.config)
         method.validate_for_model(self.num_layers)
         self.steps = method.steps()
+        needs_projections = (
+            any(s.score is not None for s in self.steps) or method.dynamic or bool(method.attention_edits())
+        )
+        self.contract = contract.check_model(
+            model,
+            self.decoder,
+            self.layers[0],
+            getattr(self.layers[0], self.family.attn_attr),
+            needs_projections=needs_projections,
+        )
         first = self.family.min_prune_layer(model.config)
         for step in self.steps:
             if step.layer < first:
@@ -351,10 +342,10 @@ class PruningRun:
             ids = self._pending_ids
         self._pending_ids = None
         top, self._pending_inputs = self._pending_inputs, {}
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        cache = self.contract.find_cache(kwargs, "the language model")
+        past = contract.cache_length(cache)
         if cache is not None and past == 0 and (self.steps or self._dynamic_layers):
-            _check_cache_supported(cache)
+            contract.check_cache_supported(cache)
         device = (embeds if embeds is not None else ids).device
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):
@@ -364,6 +355,12 @@ class PruningRun:
             self._warn_once("mask4d", "himap: a 4-D attention mask was passed; pruning is disabled for this call")
             self._mode = "pass"
             return
+        if past == 0 and isinstance(mask, torch.Tensor) and mask.shape[1] != s:
+            raise contract.ContractError(
+                "every continuation step hands the language model its KV cache",
+                f"The attention mask covers {mask.shape[1]} tokens, the input {s}, and no cache arrived under "
+                f"`{self.contract.cache_kwarg}`.",
+            )
 
         if past > 0:
             # Continuation (decode steps or a chunk after the prefill): no pruning, but layers that
@@ -377,6 +374,7 @@ class PruningRun:
                 for seg, pos in self._decode.segment_positions.items():
                     self._decode.segment_positions[seg] = torch.cat([pos, added.to(pos.device)], dim=1)
                 self._decode.mask_cache = {}
+                self._decode.step_len = s
                 self._mode = "decode"
             else:
                 self._mode = "pass"
@@ -428,7 +426,7 @@ class PruningRun:
         self._finish_prefill_for_decode(st)
         if st.layout.segment == 0:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        hidden = contract.decoder_output_hidden(output)
         b, s = st.input_ids.shape
         full = hidden.new_zeros(b, s, hidden.shape[-1])
         norm = getattr(self.decoder, self.family.norm_attr, None)
@@ -437,10 +435,7 @@ class PruningRun:
         lay = st.layout
         rows = torch.arange(b, device=hidden.device)[:, None].expand_as(lay.idx)
         full[rows[lay.valid], lay.idx[lay.valid]] = hidden[lay.valid]
-        if isinstance(output, tuple):
-            return (full, *output[1:])
-        output.last_hidden_state = full
-        return output
+        return contract.with_decoder_output_hidden(output, full)
 
     def _finish_prefill_for_decode(self, st: _PrefillState) -> None:
         cache = st.cache
@@ -467,12 +462,20 @@ class PruningRun:
 
     def _layer_prefill(self, layer_idx: int, args: tuple, kwargs: dict):
         st = self._prefill
-        hidden = args[0] if args else kwargs["hidden_states"]
+        where = f"decoder layer {layer_idx}"
+        hidden = contract.layer_hidden(args, kwargs, where)
+        cache = self.contract.find_cache(kwargs, where)
+        if tuple(hidden.shape[:2]) != tuple(st.layout.idx.shape):
+            raise contract.ContractError(
+                f"{where} receives the hidden states of the tokens the previous layer processed",
+                f"It got {tuple(hidden.shape[:2])} (batch, tokens); the engine's layout holds "
+                f"{tuple(st.layout.idx.shape)}.",
+            )
         if layer_idx == 0:
             st.full_pos_emb = kwargs.get("position_embeddings")
             st.full_pos_ids = kwargs.get("position_ids")
             if st.cache is None:
-                st.cache = kwargs.get("past_key_values")
+                st.cache = cache
             self._layer_segments = {}
             self._segment_masks = {}
             self._segment_positions = {}
@@ -484,10 +487,7 @@ class PruningRun:
         lay = st.layout
         self._record(layer_idx, lay)
         if lay.segment == 0:
-            if args:
-                return (hidden, *args[1:]), kwargs
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
+            return contract.with_layer_hidden(args, kwargs, hidden)
         # Pruned layers: everything positional must follow the shortened layout.
         key = (lay.segment, layer_type(self.text_config, layer_idx))
         if key not in st.mask_cache:
@@ -497,7 +497,7 @@ class PruningRun:
                 layer_idx,
                 hidden,
                 lay.mask2d,
-                kwargs.get("past_key_values"),
+                cache,
                 context=LayerMaskContext(key_positions=lay.idx, block_ids=blocks),
             )
         kwargs["attention_mask"] = st.mask_cache[key]
@@ -514,32 +514,36 @@ class PruningRun:
         self._layer_segments[layer_idx] = lay.segment
         self._segment_masks[lay.segment] = lay.mask2d
         self._segment_positions[lay.segment] = lay.idx
-        if args:
-            return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
+        return contract.with_layer_hidden(args, kwargs, hidden)
 
     def _layer_decode(self, layer_idx: int, args: tuple, kwargs: dict):
         dec = self._decode
         seg = dec.layer_segment.get(layer_idx)
         if seg is None:
             return None
+        where = f"decoder layer {layer_idx}"
+        hidden = contract.layer_hidden(args, kwargs, where)
+        cache = self.contract.find_cache(kwargs, where)
+        if hidden.shape[1] != dec.step_len:
+            raise contract.ContractError(
+                f"{where} receives the hidden states of the new tokens only in a decode step",
+                f"It got {hidden.shape[1]} tokens; the step has {dec.step_len}.",
+            )
         key = (seg, layer_type(self.text_config, layer_idx))
         if key not in dec.mask_cache:
-            hidden = args[0] if args else kwargs["hidden_states"]
             dec.mask_cache[key] = self.family.layer_mask(
                 self.text_config,
                 layer_idx,
                 hidden,
                 dec.segment_mask2d[seg],
-                kwargs.get("past_key_values"),
+                cache,
                 context=LayerMaskContext(key_positions=dec.segment_positions[seg]),
             )
         kwargs["attention_mask"] = dec.mask_cache[key]
         return args, kwargs
 
     def _is_flash(self) -> bool:
-        return "flash" in str(getattr(self.text_config, "_attn_implementation", "") or "")
+        return "flash" in contract.attn_implementation(self.text_config)
 
     def _record(self, layer_idx: int, lay: _Layout) -> None:
         st = self._prefill
@@ -634,7 +638,7 @@ class PruningRun:
             if self._mode != "prefill":
                 return None
             step_index = self._score_at_layer[layer_idx]
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            hidden = contract.attn_hidden(args, kwargs, f"the attention module of layer {layer_idx}")
             pos = kwargs.get("position_embeddings")
             with torch.no_grad():
                 self._prefill.scores[step_index] = self._score(
@@ -713,7 +717,7 @@ class PruningRun:
         allowed : BoolTensor, shape (B, R, L)
         """
         b, length = keys_ok.shape
-        cos, sin = pos
+        cos, sin = contract.rotary_tables(pos, attn)
         cos = cos.expand(b, -1, -1)
         sin = sin.expand(b, -1, -1)
         scaling = float(getattr(attn, "scaling", attn.head_dim**-0.5))
@@ -732,13 +736,18 @@ class PruningRun:
             logits = torch.tanh(logits / softcap) * softcap
         allowed = key_pos[None, None, :] <= rows[:, :, None]
         st = self._prefill
+        same_block = None
         if st is not None and st.block_ids is not None:  # image tokens see their whole image
             blocks = st.block_ids.gather(1, st.layout.idx)
             q_blocks = blocks.gather(1, rows)
-            allowed |= (q_blocks[:, :, None] == blocks[:, None, :]) & (q_blocks[:, :, None] >= 0)
+            same_block = (q_blocks[:, :, None] == blocks[:, None, :]) & (q_blocks[:, :, None] >= 0)
+            allowed |= same_block
         if window:  # measured on original indices, like the unpruned model
             orig = st.layout.idx if st is not None else key_pos[None].expand(b, -1)
-            allowed &= orig.gather(1, rows)[:, :, None] - orig[:, None, :] < int(window)
+            in_window = orig.gather(1, rows)[:, :, None] - orig[:, None, :] < int(window)
+            if same_block is not None and contract.image_blocks_override_window():
+                in_window |= same_block
+            allowed &= in_window
         allowed &= keys_ok[:, None, :]
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0), allowed
@@ -748,7 +757,7 @@ class PruningRun:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._mode != "prefill" or self._prefill is None:
                 return None
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            hidden = contract.attn_hidden(args, kwargs, f"the attention module of layer {layer_idx}")
             view = LayerView(self, layer_idx, module, hidden, kwargs.get("position_embeddings"))
             with torch.no_grad():
                 decision = self.method.on_layer(layer_idx, view)
@@ -789,7 +798,7 @@ class PruningRun:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._mode != "prefill" or self._prefill is None:
                 return None
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            hidden = contract.attn_hidden(args, kwargs, f"the attention module of layer {layer_idx}")
             with torch.no_grad():
                 ctx = self._edit_prepare(layer_idx, module, hidden, kwargs.get("position_embeddings"))
             ctx.armed = ctx.zero_slots is not None
@@ -828,7 +837,7 @@ class PruningRun:
             if ctx.delta is not None:
                 add = (ctx.delta * ctx.row_valid[..., None]).to(out.dtype)
                 out = out.scatter_add(1, ctx.rows[..., None].expand(-1, -1, out.shape[-1]), add)
-            cache = kwargs.get("past_key_values")
+            cache = self.contract.find_cache(kwargs, f"the attention module of layer {layer_idx}")
             if cache is not None and ctx.cache_fill is not None:
                 self._edit_cache(layer_idx, cache, ctx)
             if isinstance(output, tuple):
@@ -839,16 +848,13 @@ class PruningRun:
 
     def _edit_cache(self, layer_idx: int, cache: Any, ctx: _EditContext) -> None:
         """Store, at image slots, the values that decode-step (text) queries must read."""
-        layers = getattr(cache, "layers", None)
-        values = getattr(layers[layer_idx], "values", None) if layers is not None and layer_idx < len(layers) else None
+        values = contract.cache_layer_values(cache, layer_idx)
         length = ctx.image_slots.shape[1]
-        if not isinstance(values, torch.Tensor) or values.dim() != 4 or values.shape[0] != ctx.image_slots.shape[0]:
-            self._warn_once(
-                "editcache",
-                "himap: cannot apply attention edits to this KV cache (unknown layout); "
-                "decode steps attend to unedited image values",
+        if values.shape[0] != ctx.image_slots.shape[0]:
+            raise contract.ContractError(
+                f"the KV cache of layer {layer_idx} holds one row per sample",
+                f"It holds {values.shape[0]} rows for a batch of {ctx.image_slots.shape[0]}.",
             )
-            return
         n = min(int(values.shape[-2]), length)
         # a full cache holds slots 0..length-1 first; a sliding-window layer keeps the last n slots
         view = values[:, :, :length] if values.shape[-2] >= length else values
