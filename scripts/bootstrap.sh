@@ -7,7 +7,8 @@
 # known-good versions that `make demo` / `make test` use, whatever day they run). With it, the
 # constraints are not used and transformers is installed as SPEC (e.g. "transformers==5.10.1" for
 # the declared floor, or "newest" for the newest release the package index serves within the
-# range pyproject.toml declares): that is how .ci/run tests the supported range.
+# range pyproject.toml declares): that is how .ci/run tests the supported range. torch then stays
+# the build already installed (the machine's CPU wheel when there is one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
@@ -35,9 +36,18 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 if [ -z "$SPEC" ]; then
     "${UVPIP[@]}" -c constraints.txt -e ".[dev]"
-elif [ "$SPEC" = "newest" ]; then
-    floor=$("$VENV/bin/python" -c "import re;print(re.search(r'\"(transformers[^\"]*)\"', open('pyproject.toml').read()).group(1))")
-    "${UVPIP[@]}" --upgrade -e ".[dev]" "$floor"
+    exit 0
+fi
+# Range tests: torch stays the build installed above (a platform choice: CPU or CUDA wheel, several
+# GB); everything else resolves afresh, the newest that fits (the way a user's install would).
+keep_torch="$(mktemp)"
+trap 'rm -f "$keep_torch"' EXIT
+if "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$keep_torch"
+fi
+if [ "$SPEC" = "newest" ]; then
+    range=$("$VENV/bin/python" -c "import re;print(re.search(r'\"(transformers[^\"]*)\"', open('pyproject.toml').read()).group(1))")
+    "${UVPIP[@]}" -c "$keep_torch" --upgrade -e ".[dev]" "$range"
 else
-    "${UVPIP[@]}" -e ".[dev]" "$SPEC"
+    "${UVPIP[@]}" -c "$keep_torch" -e ".[dev]" "$SPEC"
 fi
