@@ -89,7 +89,7 @@ def test_reference_generate_equals_generate_without_cache():
     method = HiMAP(k1=2, r1=0.5, k2=4, r2=0.75)
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        with method(model):
+        with method(model, selection="every_forward"):  # re-chosen at every step, as the authors' code
             expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)[:, n:]
         with ReferenceStyle(method)(model) as ref:
             tokens = reference_generate(model, inputs, 4)

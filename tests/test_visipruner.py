@@ -13,7 +13,7 @@ import torch
 from conftest import PROMPTS, SPECS, image_for, make_inputs, tiny
 from himap_vlm import Dense, VisiPruner, get_method
 from himap_vlm.core.engine import LastTokenContributions
-from himap_vlm.core.methods.base import AttentionEdit
+from himap_vlm.core.interface import AttentionEdit
 from reference import _positions, explicit_attention_maps, masked_reference_logits
 
 NO_OP = dict(shallow_layers=0, cosine_threshold=-1.0)
@@ -87,7 +87,7 @@ def test_config_against_model_and_registry():
     with pytest.raises(ValueError, match=r"shallow_layers=6 is out of range.*\[0, 5\]"):
         VisiPruner(shallow_layers=6)(model)
     method = get_method("visipruner")(shallow_layers=3, exit_patience=None)
-    assert method.config.exit_patience is None
+    assert method.exit_patience is None
     assert method.image_tokens_schedule(576, 32) is None  # input-dependent
     edits = VisiPruner(shallow_layers=3, sink_index=2).attention_edits()
     assert edits == {

@@ -39,7 +39,7 @@ def test_k_must_be_below_num_layers():
     model, _ = tiny("llama-mha")
     with pytest.raises(ValueError, match=r"k=6 is out of range.*\[1, 5\]"):
         VTW(k=num_layers(model))(model)
-    assert get_method("vtw") is VTW and VTW(k=3).config.k == 3
+    assert get_method("vtw") is VTW and VTW(k=3).k == 3
 
 
 def test_schedule_is_static():

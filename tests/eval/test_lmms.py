@@ -16,10 +16,10 @@ import torch
 from _runner_helpers import single_thread, tiny_eval_env
 
 from himap_vlm.apps.eval import get_task
-from himap_vlm.apps.eval.methods_spec import MethodSpecError
 from himap_vlm.apps.integrations import lmms_eval as plugin
 from himap_vlm.apps.integrations.lmms_eval import HimapEvalModel, _stop_at
 from himap_vlm.apps.prompting import build_prompt
+from himap_vlm.core.methods.spec import MethodSpecError
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 TASK, SPLIT = "synth_mini", "test"

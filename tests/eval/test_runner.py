@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from himap_vlm.apps.cli import _load_commands, app
 from himap_vlm.apps.eval import get_task
-from himap_vlm.apps.eval.methods_spec import MethodSpec, MethodSpecError, parse_method_args, parse_methods
 from himap_vlm.apps.eval.runner import PREDICTIONS, evaluate, finalize, read_predictions
+from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError, parse_method_args, parse_methods
 
 _load_commands()
 cli = CliRunner()

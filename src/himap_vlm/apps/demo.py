@@ -77,8 +77,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from himap_vlm.apps.eval.methods_spec import MethodSpec
     from himap_vlm.apps.eval.tasks.base import Sample
+    from himap_vlm.core.methods.spec import MethodSpec
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -174,14 +174,14 @@ def method_budgets(name: str, num_layers: int) -> list[dict[str, Any]]:
 
 def _default_spec(name: str, num_layers: int) -> MethodSpec:
     from himap_vlm.apps.bench.runner import default_method_args
-    from himap_vlm.apps.eval.methods_spec import MethodSpec
+    from himap_vlm.core.methods.spec import MethodSpec
 
     return MethodSpec(name, default_method_args(name, num_layers))
 
 
 def _fits(spec: MethodSpec, num_layers: int) -> str | None:
     """``None`` if the configuration fits a model of ``num_layers`` layers, else why not."""
-    from himap_vlm.apps.eval.methods_spec import MethodSpecError
+    from himap_vlm.core.methods.spec import MethodSpecError
 
     try:
         spec.build().validate_for_model(num_layers)
@@ -214,12 +214,12 @@ def demo_configurations(
 
     Raises
     ------
-    himap_vlm.apps.eval.methods_spec.MethodSpecError
+    himap_vlm.core.methods.spec.MethodSpecError
         For a syntax error, an unknown method or parameter, or an explicit configuration that
         does not fit the model (a ``ValueError``).
     """
-    from himap_vlm.apps.eval.methods_spec import MethodSpec, MethodSpecError, _split_top_level
     from himap_vlm.core.methods import METHODS
+    from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError, _split_top_level
 
     if methods is None:
         texts = [",".join(METHODS)]
@@ -634,7 +634,7 @@ def run_demo(
     ------
     ValueError
         For bad counts, or a method list that cannot be parsed or does not fit the model
-        (:class:`~himap_vlm.apps.eval.methods_spec.MethodSpecError`).
+        (:class:`~himap_vlm.core.methods.spec.MethodSpecError`).
     """
     from himap_vlm.apps.eval.runner import evaluate, model_label
     from himap_vlm.core.families import resolve_family

@@ -71,6 +71,7 @@ __all__ = [
     "output_cache",
     "private_config_class",
     "restore_attn_implementations",
+    "rotary_for_positions",
     "rotary_tables",
     "set_attn_implementation",
     "transformers_version",
@@ -568,6 +569,31 @@ def rotary_tables(position_embeddings: Any, attn: nn.Module) -> tuple[torch.Tens
             f"Got {tuple(cos.shape)}.",
         )
     return cos, sin
+
+
+def rotary_for_positions(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_type: str) -> Any:
+    """Rotary ``(cos, sin)`` of a language model for explicit 1-D ``position_ids`` (B, L).
+
+    Calls ``decoder.rotary_emb(hidden, position_ids)`` (with the layer type for models whose
+    rotary module takes one, e.g. Gemma3's local and global tables).
+
+    Raises
+    ------
+    ContractError
+        If the language model has no ``rotary_emb`` module of a known call convention.
+    """
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        raise ContractError(f"the language model ({type(decoder).__name__}) computes its RoPE tables in `rotary_emb`")
+    names = [n for n in inspect.signature(inspect.unwrap(type(rotary).forward)).parameters if n != "self"]
+    if len(names) >= 3 and names[2] == "layer_type":
+        return rotary(hidden, position_ids, layer_type)
+    if len(names) >= 2:
+        return rotary(hidden, position_ids)
+    raise ContractError(
+        f"`rotary_emb` ({type(rotary).__name__}.forward) takes (x, position_ids[, layer_type])",
+        f"Its parameters are {', '.join(names)}.",
+    )
 
 
 def attention_weights(output: Any) -> torch.Tensor | None:

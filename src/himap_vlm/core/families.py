@@ -244,8 +244,9 @@ class ModelFamily:
         ``model -> PretrainedConfig`` of the language model.
     image_token_id : callable
         ``config -> int``: the placeholder id marking image tokens in ``input_ids``.
-    layers_attr, norm_attr, attn_attr : str
-        Attribute names of the decoder's layer list, final norm, and a layer's attention module.
+    layers_attr, norm_attr, attn_attr, input_norm_attr : str
+        Attribute names of the decoder's layer list, final norm, a layer's attention module and a
+        layer's input norm.
     query_key : callable
         Computes the queries/keys a method scores (see :func:`default_query_key`).
     value : callable
@@ -261,6 +262,10 @@ class ModelFamily:
         Whether the tokens of one image attend to each other bidirectionally (Gemma3). The blocks
         come from the ``token_type_ids`` the model was called with (``1`` = image; none given:
         causal, as the model itself does); the engine keeps them in rebuilt masks and in scores.
+    renumber_positions : bool
+        Whether positions can be renumbered ``0 .. n-1`` after a drop (a method's
+        ``position_policy="renumber"``): False for 3-D M-RoPE, where a token's position is a
+        (t, h, w) triple and renumbering has no definition.
     notes : str
         Anything a user should know (shown in errors and docs).
     """
@@ -273,11 +278,13 @@ class ModelFamily:
     layers_attr: str = "layers"
     norm_attr: str = "norm"
     attn_attr: str = "self_attn"
+    input_norm_attr: str = "input_layernorm"
     query_key: Callable[..., tuple[torch.Tensor, torch.Tensor]] = default_query_key
     value: Callable[..., torch.Tensor] = default_value
     layer_mask: Callable[..., Any] = default_layer_mask
     min_prune_layer: Callable[[Any], int] = field(default=lambda config: 1)
     bidirectional_image_blocks: bool = False
+    renumber_positions: bool = True
     notes: str = ""
 
 
@@ -327,6 +334,7 @@ QWEN_VL = ModelFamily(
     decoder=_llava_decoder,
     text_config=_text_config,
     image_token_id=_image_token_id,
+    renumber_positions=False,
     notes="3-D M-RoPE: kept tokens keep their (t, h, w) rotary tables; decode positions come from the "
     "model's rope_deltas and layer 0's (never pruned) cache length.",
 )
@@ -338,6 +346,7 @@ QWEN3_VL = ModelFamily(
     text_config=_text_config,
     image_token_id=_image_token_id,
     min_prune_layer=_deepstack_done,
+    renumber_positions=False,
     notes="DeepStack adds vision features to the image positions after the first "
     "len(vision_config.deepstack_visual_indexes) decoder layers; tokens may be dropped only after them.",
 )

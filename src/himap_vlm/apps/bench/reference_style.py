@@ -29,6 +29,7 @@ reproduced:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,9 @@ from torch import nn
 
 from himap_vlm.core import contract
 from himap_vlm.core.engine import PruningRun
-from himap_vlm.core.methods.base import PruneStep, PruningMethod, ScoreRequest
+from himap_vlm.core.engine.scoring import SlotInfo, scores_from_map
+from himap_vlm.core.interface import PruneStep, ScoreRequest, StepInput
+from himap_vlm.core.methods.base import PruningMethod
 
 __all__ = ["ReferenceStyle", "ReferenceStyleRun", "map_scores", "reference_generate"]
 
@@ -52,6 +55,7 @@ class _RefState:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (H, L, L) float32
 
 
+@dataclass(frozen=True)
 class ReferenceStyle(PruningMethod):
     """Run ``method`` the way the authors' code did (see the module docstring).
 
@@ -73,19 +77,24 @@ class ReferenceStyle(PruningMethod):
         counterpart for them).
     """
 
+    inner: PruningMethod
+
     name = "reference-style"
 
-    def __init__(self, method: PruningMethod):
+    def check(self) -> None:
+        method = self.inner
         if not isinstance(method, PruningMethod):
             raise ValueError(f"ReferenceStyle wraps a PruningMethod; got {type(method).__name__}")
         if method.dynamic or method.attention_edits():
             raise ValueError(
                 f"ReferenceStyle supports static methods without attention edits; {method.name} is not one"
             )
-        self.inner = method
-        self.config = method.config
-        self._requests: list[ScoreRequest | None] = [s.score for s in method.steps()]
-        self._run: ReferenceStyleRun | None = None
+        object.__setattr__(self, "_requests", [s.score for s in method.steps()])
+        object.__setattr__(self, "_run", None)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.inner.config
 
     def steps(self) -> list[PruneStep]:
         """The wrapped method's steps, with no score request: the engine computes no scores."""
@@ -101,29 +110,32 @@ class ReferenceStyle(PruningMethod):
     def image_tokens_schedule(self, num_image_tokens: int, num_layers: int) -> list[int] | None:
         return self.inner.image_tokens_schedule(num_image_tokens, num_layers)
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int | None:
+        return self.inner.kept_after(step, num_image, num_image_input)
+
+    def select(self, x: StepInput) -> torch.Tensor:
         run = self._run
         if run is None or run.state is None:
             raise RuntimeError("ReferenceStyle.select called outside a reference-style prefill")
         st = run.state
         pos = st.positions
         slot_img = st.is_image[pos]
-        request = self._requests[step]
+        request = self._requests[x.step]
         ref_scores = None
         if request is not None:
-            ref_scores = map_scores(st.maps.pop(step), request, pos, st.is_image, st.real)
-            if ref_scores.numel() != num_image:
+            ref_scores = map_scores(st.maps.pop(x.step), request, pos, st.is_image, st.real)
+            if ref_scores.numel() != x.num_image:
                 raise RuntimeError(  # pragma: no cover - the engine and the wrapper disagree
-                    f"reference-style: {ref_scores.numel()} scored image tokens, the engine has {num_image}"
+                    f"reference-style: {ref_scores.numel()} scored image tokens, the engine has {x.num_image}"
                 )
-        keep = torch.as_tensor(self.inner.select(step, ref_scores, num_image, layer=layer)).long().flatten()
+        keep = torch.as_tensor(self.inner.select(dataclasses.replace(x, scores=ref_scores))).long().flatten()
         img_slots = torch.nonzero(slot_img).flatten()
         other = torch.nonzero(~slot_img).flatten()
         slots = torch.sort(torch.cat([other, img_slots[torch.unique(keep)]])).values
         st.positions = pos[slots]
         return keep
 
-    def __call__(self, model: nn.Module) -> ReferenceStyleRun:
+    def __call__(self, model: nn.Module, *, selection: str = "every_forward") -> ReferenceStyleRun:
         return ReferenceStyleRun(model, self)
 
     def __repr__(self) -> str:
@@ -155,29 +167,16 @@ def map_scores(
     Tensor, shape (image tokens present,)
         float32, in sequence order.
     """
-    probs = attn.float().mean(dim=0)  # (L, L)
-    slot_img = is_image[positions]
     slot_real = real[positions]
-    length = positions.numel()
-    arange = torch.arange(length, device=positions.device)
-    if request.queries == "instruction":
-        img_orig = torch.nonzero(is_image).flatten()
-        last = int(img_orig.max()) if img_orig.numel() else -1
-        rows = (positions > last) & slot_real
-    elif request.queries == "image":
-        rows = slot_img
-    elif request.queries == "all":
-        rows = slot_real.clone()
-    else:  # last
-        rows = torch.zeros_like(slot_real)
-        real_slots = torch.nonzero(slot_real).flatten()
-        if real_slots.numel():
-            rows[real_slots[-1]] = True
-    total = (probs * rows[:, None]).sum(dim=0)
-    if request.reduce == "mean":
-        allowed = (arange[None, :] <= arange[:, None]) & slot_real[None, :] & rows[:, None]
-        total = total / allowed.sum(dim=0).clamp(min=1).float()
-    return total[slot_img]
+    img_orig = torch.nonzero(is_image).flatten()
+    last = int(img_orig.max()) if img_orig.numel() else -1
+    slots = SlotInfo(
+        keys_ok=slot_real[None],
+        is_image=is_image[positions][None],
+        after_image=((positions > last) & slot_real)[None],
+        positions=positions[None],
+    )
+    return scores_from_map(attn[None], request, slots)[0]
 
 
 class ReferenceStyleRun(PruningRun):
@@ -191,7 +190,8 @@ class ReferenceStyleRun(PruningRun):
     method: ReferenceStyle
 
     def __init__(self, model: nn.Module, method: ReferenceStyle):
-        super().__init__(model, method)
+        # the authors generated without a cache and chose the kept tokens again at every step
+        super().__init__(model, method, selection="every_forward")
         self.state: _RefState | None = None
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -213,7 +213,7 @@ class ReferenceStyleRun(PruningRun):
         for layer, step in self.method.score_layers().items():
             attn = getattr(self.layers[layer], self.family.attn_attr)
             h.append(attn.register_forward_hook(self._make_capture(step)))
-        self.method._run = self
+        object.__setattr__(self.method, "_run", self)
         return self
 
     def detach(self) -> None:
@@ -224,7 +224,7 @@ class ReferenceStyleRun(PruningRun):
             contract.restore_attn_implementations(self.model, self._previous_attn)
             self._previous_attn = None
         if self.method._run is self:
-            self.method._run = None
+            object.__setattr__(self.method, "_run", None)
         self.state = None
         super().detach()
 

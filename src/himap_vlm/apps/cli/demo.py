@@ -100,7 +100,7 @@ def demo_command(
 
     import himap_vlm.assets as assets
     from himap_vlm.apps.demo import run_demo
-    from himap_vlm.apps.eval.methods_spec import MethodSpecError
+    from himap_vlm.core.methods.spec import MethodSpecError
 
     embedded = model is None
     if model is None:

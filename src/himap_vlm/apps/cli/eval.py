@@ -14,7 +14,7 @@ Examples
 ``--methods`` is a comma-separated list of ``NAME`` or ``NAME(KEY=VALUE,...)``; the same method
 may appear with several parameter sets, and the option may be repeated. ``--method-args``
 (``METHOD:KEY=VALUE,...;METHOD:...``, repeatable) gives parameters to every configuration of a
-method; parameters in parentheses win. See :mod:`himap_vlm.apps.eval.methods_spec` and
+method; parameters in parentheses win. See :mod:`himap_vlm.core.methods.spec` and
 :mod:`himap_vlm.apps.eval.runner` for the result folders, resuming and the FLOPs ratio.
 """
 
@@ -31,7 +31,7 @@ from himap_vlm.apps.cli._common import fail, load_model
 
 
 def _task_options(pairs: list[str]) -> dict:
-    from himap_vlm.apps.eval.methods_spec import coerce_value
+    from himap_vlm.core.methods.spec import coerce_value
 
     out = {}
     for pair in pairs:
@@ -84,8 +84,8 @@ def eval_command(
 ) -> None:
     """Evaluate pruning configurations on a benchmark: resumable, batched, data parallel."""
     from himap_vlm.apps.eval import DataFormatError, MissingImageError, get_task
-    from himap_vlm.apps.eval.methods_spec import MethodSpecError, parse_methods
     from himap_vlm.apps.eval.runner import evaluate
+    from himap_vlm.core.methods.spec import MethodSpecError, parse_methods
 
     try:
         specs = parse_methods(methods, method_args)

@@ -70,7 +70,7 @@ def generate(
     result: dict = {
         "answer": answer,
         "method": method,
-        "config": {k_: v for k_, v in vars(pruner.config).items()},
+        "config": dict(pruner.config),
         "image_tokens_per_layer": counts,
         "sequence_length": int(inputs["input_ids"].shape[1]),
         "record": _jsonable(getattr(run, "record", {})),

@@ -5,14 +5,15 @@ own release files, or a Hugging Face dataset), writes the prompt the papers used
 prediction from generated text and computes the official metric. The metrics
 (:mod:`himap_vlm.apps.eval.metrics`) can be used on their own. The runner (:func:`evaluate`,
 :mod:`himap_vlm.apps.eval.runner`; ``himap eval`` on the command line) evaluates several pruning
-configurations (:mod:`himap_vlm.apps.eval.methods_spec`) on a task, resumably and data parallel. See
+configurations (:mod:`himap_vlm.core.methods.spec`) on a task, resumably and data parallel. See
 ``README.md`` in this folder for the data layouts each task reads.
 """
 
 from __future__ import annotations
 
+from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError, parse_methods
+
 from .io import DataFormatError, MissingImageError
-from .methods_spec import MethodSpec, MethodSpecError, parse_methods
 from .runner import ConfigResult, EvalResults, evaluate, finalize
 from .tasks import Sample, Task, get_task, list_tasks, register_task
 

@@ -15,7 +15,7 @@
 Result folders
 --------------
 ``<out_dir>/<task>/<model>/<configuration slug>/`` (see
-:attr:`himap_vlm.apps.eval.methods_spec.MethodSpec.slug`) holds
+:attr:`himap_vlm.core.methods.spec.MethodSpec.slug`) holds
 
 ``predictions.jsonl``
     One JSON object per sample, in sample order: ``id``, ``prompt`` (the task's user-turn
@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from himap_vlm.apps.eval.methods_spec import MethodSpec, resolve_methods
+from himap_vlm.core.methods.spec import MethodSpec, resolve_methods
 
 if TYPE_CHECKING:
     import torch
@@ -609,7 +609,7 @@ def evaluate(
     samples : sequence of Sample
         What to evaluate (e.g. ``task.load(data, limit=N)``); ids must be unique.
     methods : str, MethodSpec, PruningMethod, or a sequence of them
-        ``"dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv"`` (see :mod:`himap_vlm.apps.eval.methods_spec`),
+        ``"dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv"`` (see :mod:`himap_vlm.core.methods.spec`),
         specs, or built methods.
     out_dir : path
         Root of the results; see the module docstring for the layout.
@@ -647,7 +647,7 @@ def evaluate(
     ------
     ValueError
         For duplicate sample ids, a bad batch size, a method that does not fit the model
-        (:class:`~himap_vlm.apps.eval.methods_spec.MethodSpecError`), or an output folder holding
+        (:class:`~himap_vlm.core.methods.spec.MethodSpecError`), or an output folder holding
         another configuration.
     himap_vlm.apps.eval.io.MissingImageError, himap_vlm.apps.eval.io.DataFormatError
         From the task when an image or a record is bad.

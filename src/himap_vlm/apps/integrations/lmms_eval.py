@@ -169,8 +169,8 @@ class HimapEvalModel:
         super().__init__()
         import torch
 
-        from himap_vlm.apps.eval.methods_spec import MethodSpec
         from himap_vlm.core.families import resolve_family
+        from himap_vlm.core.methods.spec import MethodSpec
 
         method_params.pop("max_batch_size", None)
         self.spec = MethodSpec(str(method), {k.replace("-", "_"): v for k, v in method_params.items()})
@@ -241,7 +241,7 @@ class HimapEvalModel:
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HimapEvalModel:
         """Build from ``"pretrained=...,method=himap,k1=2"`` as lmms-eval does."""
-        from himap_vlm.apps.eval.methods_spec import coerce_value
+        from himap_vlm.core.methods.spec import coerce_value
 
         args: dict[str, Any] = {}
         for part in arg_string.split(","):

@@ -1,114 +1,35 @@
-"""What every pruning method shares: the contract with the engine and config validation.
+"""What every pruning method shares: the base class and the helpers methods use.
 
-A method only *decides which image tokens to keep*. The engine (:mod:`himap_vlm.core.engine`) owns every
-mechanic: hooks, attention scores, keep indices, masks, RoPE, KV caches and batches. A method
-declares a list of :class:`PruneStep` (at which layer it prunes and which attention rows it needs
-scored), and for each step and each sample it turns the scores into the indices to keep.
+A method is a small frozen dataclass: its fields are its parameters, declared once with
+:mod:`himap_vlm.core.methods.params`; it registers itself with
+:func:`~himap_vlm.core.methods.registry.register`; it says *which image tokens to keep* and
+nothing else. The engine (:mod:`himap_vlm.core.engine`) owns every mechanic: hooks, attention
+scores, keep indices, masks, RoPE, KV caches and batches. A static method declares its
+:class:`~himap_vlm.core.interface.PruneStep` s and turns each step's
+:class:`~himap_vlm.core.interface.StepInput` into the indices to keep; a dynamic one decides in
+:meth:`PruningMethod.on_layer`. Besides the mechanics, a method declares the facts every
+application reads from it: its defaults for a model's depth (:meth:`PruningMethod.defaults_for`),
+its sweep budgets (:meth:`PruningMethod.budgets`) and its image-token schedule
+(:meth:`PruningMethod.image_tokens_schedule`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from himap_vlm.core.interface import AttentionEdit, LayerView, PositionPolicy, PruneStep, StepInput
+from himap_vlm.core.methods.params import Param, coerce, param_of
+
 if TYPE_CHECKING:
-    from himap_vlm.core.engine import LayerView, PruningRun
+    from himap_vlm.core.engine import PruningRun
 
-QuerySet = Literal["instruction", "image", "last", "all"]
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """Which attention rows the engine scores for a pruning step.
-
-    The engine recomputes, in the layer *before* the pruning layer, the post-softmax attention of
-    the chosen query rows over the current keys (from that layer's own queries and keys, with RoPE,
-    grouped-query heads expanded), averages it over heads and reduces it over the query rows,
-    keeping only the columns of the image tokens still present.
-
-    Parameters
-    ----------
-    queries : {"instruction", "image", "last", "all"}
-        ``"instruction"``: the tokens after the last image span (instruction and chat template);
-        ``"image"``: the image tokens still present; ``"last"``: the last input token;
-        ``"all"``: every (non-padding) token. Padding never counts.
-    reduce : {"sum", "mean"}
-        How the query rows are combined. ``"mean"`` divides, per key, by the number of query rows
-        that may attend to it under the causal mask (the average attention a token receives).
-    """
-
-    queries: QuerySet
-    reduce: Literal["sum", "mean"] = "sum"
-
-    def __post_init__(self) -> None:
-        if self.queries not in ("instruction", "image", "last", "all"):
-            raise ValueError(
-                f"ScoreRequest.queries must be one of 'instruction', 'image', 'last', 'all'; got {self.queries!r}"
-            )
-        if self.reduce not in ("sum", "mean"):
-            raise ValueError(f"ScoreRequest.reduce must be 'sum' or 'mean'; got {self.reduce!r}")
-
-
-@dataclass(frozen=True)
-class PruneStep:
-    """One pruning step: layers ``layer, layer+1, ...`` run without the pruned image tokens.
-
-    Parameters
-    ----------
-    layer : int
-        The first decoder layer (0-based) that no longer sees the pruned tokens (the paper's K).
-    score : ScoreRequest or None
-        Attention rows scored in layer ``layer - 1``; ``None`` when the method needs no scores.
-    """
-
-    layer: int
-    score: ScoreRequest | None
-
-
-@dataclass(frozen=True)
-class AttentionEdit:
-    """Post-softmax edits of one layer's attention between text queries and image keys.
-
-    The weights are edited *after* the softmax and not renormalised (a dropped key still counts in
-    the softmax denominator). Edits apply to every query of the layer, prefill and decode steps
-    alike (generated tokens are text queries). The engine applies them without switching the
-    model's attention kernel; see :class:`himap_vlm.core.engine.PruningRun`.
-
-    Parameters
-    ----------
-    text_to_image : {"keep", "drop", "merge"}
-        Weights of non-image queries on image keys. ``"drop"`` zeroes them; ``"merge"`` moves
-        their sum onto one image key, the *sink* (``o_i = Σ_text a_ij v_j + (Σ_img a_ij) v_sink``).
-    image_to_image : {"keep", "drop"}
-        Weights of image queries on image keys (``"drop"`` zeroes all of them, the diagonal
-        included).
-    sink : int
-        The sink of ``"merge"``: index into the image tokens of the sample's *first* image span
-        (0 = its first token), so that it precedes every query that sees an image.
-    """
-
-    text_to_image: Literal["keep", "drop", "merge"] = "keep"
-    image_to_image: Literal["keep", "drop"] = "keep"
-    sink: int = 0
-
-    def __post_init__(self) -> None:
-        if self.text_to_image not in ("keep", "drop", "merge"):
-            raise ValueError(
-                f"AttentionEdit.text_to_image must be 'keep', 'drop' or 'merge'; got {self.text_to_image!r}"
-            )
-        if self.image_to_image not in ("keep", "drop"):
-            raise ValueError(f"AttentionEdit.image_to_image must be 'keep' or 'drop'; got {self.image_to_image!r}")
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"AttentionEdit.sink must be an integer >= 0; got {self.sink!r}")
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether the edit changes nothing."""
-        return self.text_to_image == "keep" and self.image_to_image == "keep"
+__all__ = ["PruningMethod", "kept_count", "top_k_indices"]
 
 
 def kept_count(n: int, ratio: float) -> int:
@@ -137,77 +58,110 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def check_layer(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Validate a layer index parameter at construction (type and lower bound)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer layer index (>= {minimum}); got {value!r}")
-    if value < minimum:
-        raise ValueError(
-            f"{name}={value} is out of range: it must be >= {minimum} "
-            f"(pruning at layer K uses the attention of layer K-1)"
-        )
-    return value
-
-
-def check_ratio(name: str, value: Any) -> float:
-    """Validate a pruning ratio (fraction of image tokens pruned) in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number in [0, 1] (fraction of image tokens pruned); got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}={value} is out of range: it must be in [0, 1] (fraction of image tokens pruned)")
-    return float(value)
-
-
+@dataclass(frozen=True)
 class PruningMethod(ABC):
-    """Base class of every method.
+    """Base class of every method (a frozen dataclass of its parameters).
 
-    Subclasses set :attr:`name`, hold a validated config dataclass in :attr:`config`, and implement
-    :meth:`steps` and :meth:`select`. Calling the method on a model returns a
-    :class:`~himap_vlm.core.engine.PruningRun`, a context manager that installs the engine's hooks and always
-    removes them::
+    Calling a method on a model returns a :class:`~himap_vlm.core.engine.PruningRun`, a context
+    manager that installs the engine's hooks and always removes them::
 
         with HiMAP(k1=2, r1=0.5, k2=8, r2=0.75)(model) as run:
             model.generate(**inputs)
 
-    Two optional extensions: a method whose decisions depend on the input at layers it cannot
-    name in advance sets ``dynamic = True`` and implements :meth:`on_layer` (VisiPruner); a method
-    that edits attention weights between text and image tokens returns them from
-    :meth:`attention_edits`.
+    Subclasses declare their parameters as dataclass fields (see
+    :mod:`himap_vlm.core.methods.params`), register with ``@register(name)``, and implement
+    :meth:`steps` plus :meth:`kept_after` / :meth:`select` (static methods) or :meth:`on_layer`
+    (``dynamic = True``). Cross-field constraints go in :meth:`check`.
     """
 
     name: ClassVar[str] = "method"
+    aliases: ClassVar[tuple[str, ...]] = ()
     dynamic: ClassVar[bool] = False
-    config: Any
+    """Decisions depend on the input at layers the method cannot name in advance (VisiPruner)."""
+    rank: ClassVar[int] = 100
+    """Where the method appears in listings (tables, default method lists): lower first."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            p = param_of(f)
+            if p is not None:
+                object.__setattr__(self, f.name, coerce(f.name, p, getattr(self, f.name)))
+        self.check()
+
+    # ------------------------------------------------------------------ declarations
+    def check(self) -> None:  # noqa: B027 - optional hook, most methods have no cross-field constraint
+        """Constraints between parameters (raise ``ValueError``); called after each field is validated."""
+
+    @classmethod
+    def params(cls) -> dict[str, Param]:
+        """The declared parameters, in field order."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            p = param_of(f)
+            if p is not None:
+                out[f.name] = p
+        return out
+
+    @classmethod
+    def defaults_for(cls, num_layers: int) -> dict[str, Any]:
+        """The paper's setting with its layer indices scaled to a model of ``num_layers`` layers.
+
+        Default: the constructor defaults (an empty dict). Methods tuned on LLaVA-1.5-7B (32
+        layers) override this; ``bench``, ``eval``, ``demo`` and the CLI use it.
+        """
+        return {}
+
+    @classmethod
+    def budgets(cls, num_layers: int) -> list[dict[str, Any]]:
+        """Harsher settings for sweeps (``demo``), each a full set of parameters; default none."""
+        return []
+
+    @classmethod
+    def for_depth(cls, num_layers: int, **overrides: Any) -> PruningMethod:
+        """The method with :meth:`defaults_for` ``num_layers``, updated by ``overrides``."""
+        return cls(**{**cls.defaults_for(num_layers), **overrides})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Every parameter and its value (a plain dict, in field order)."""
+        return {name: getattr(self, name) for name in self.params()}
+
+    @property
+    def position_policy(self) -> PositionPolicy:
+        """``"keep"`` (kept tokens keep their RoPE positions) or ``"renumber"`` (see :mod:`~himap_vlm.core.interface`)."""
+        return "keep"
 
     # ------------------------------------------------------------------ engine contract
     @abstractmethod
     def steps(self) -> list[PruneStep]:
-        """The pruning steps, in increasing layer order."""
+        """The pruning steps, in increasing layer order (empty for dynamic methods)."""
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
-        """Indices (into the image tokens still present in one sample) to keep at ``step``.
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int | None:
+        """How many image tokens a sample keeps at ``step`` (``None``: it depends on the input).
 
         Parameters
         ----------
         step : int
             Index into :meth:`steps`.
-        scores : Tensor of shape (num_image,) or None
-            The reduced attention scores of the step's :class:`ScoreRequest`, one per image token
-            still present, in sequence order; ``None`` when the step requested none.
         num_image : int
-            Image tokens of this sample still present before the step.
-        layer : int
-            The pruning layer of this step.
+            Image tokens present before the step.
+        num_image_input : int
+            Image tokens the sample had in the input.
+        """
+        return None
+
+    def select(self, x: StepInput) -> torch.Tensor:
+        """Indices (into the image tokens still present in one sample) to keep at a step.
 
         Returns
         -------
         LongTensor, shape (k,)
-            Sorted indices in ``[0, num_image)``.
+            Sorted indices in ``[0, x.num_image)``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} declares steps but no select()")
 
     def attention_edits(self) -> dict[int, AttentionEdit]:
-        """Post-softmax attention edits per decoder layer (default: none). See :class:`AttentionEdit`."""
+        """Post-softmax attention edits per decoder layer (default: none)."""
         return {}
 
     def on_layer(self, layer: int, view: LayerView) -> list[torch.Tensor | None] | None:
@@ -215,65 +169,69 @@ class PruningMethod(ABC):
 
         The engine calls this in every prefill, in layer order, from the attention pre-hook of
         each layer that may still decide (layers ``first - 1 ... L - 2``, where ``first`` is the
-        first layer tokens may be dropped from). ``view`` exposes that layer's image tokens and
-        lazily computed quantities (see :class:`himap_vlm.core.engine.LayerView`); ``view.state`` is a
-        dict that lives for one prefill and ``view.record`` is ``run.record``.
+        first layer tokens may be dropped from). ``view.state`` lives for one prefill and
+        ``view.record`` is ``run.record``.
 
         Returns
         -------
         list of (LongTensor or None), one per sample, or None
             For a sample, the indices (into its image tokens present in this layer, sequence
-            order) to keep from layer ``layer + 1`` on; ``None`` keeps them all. Returning
-            ``None`` changes nothing for any sample.
+            order) to keep from layer ``layer + 1`` on; ``None`` keeps them all.
         """
         return None
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ validation and planning
     def validate_for_model(self, num_layers: int) -> None:
         """Check the configuration against a model with ``num_layers`` decoder layers.
+
+        Every ``layer`` parameter must name a layer of the model; methods add their own checks
+        by overriding and calling ``super()``.
 
         Raises
         ------
         ValueError
             Naming the parameter and the valid range.
         """
-        for f in fields(self.config):
-            if f.name in ("k", "k1", "k2"):
-                value = getattr(self.config, f.name)
-                if value is not None and value >= num_layers:
-                    raise ValueError(
-                        f"{self.name}: {f.name}={value} is out of range for this model: it has {num_layers} "
-                        f"decoder layers, so {f.name} must be in [1, {num_layers - 1}]"
-                    )
+        for name, p in self.params().items():
+            value = getattr(self, name)
+            if p.kind == "layer" and value is not None and value >= num_layers:
+                lo = int(p.minimum or 0)
+                raise ValueError(
+                    f"{self.name}: {name}={value} is out of range for this model: it has {num_layers} decoder "
+                    f"layers, so {name} must be in [{lo}, {num_layers - 1}]"
+                )
 
-    # ------------------------------------------------------------------ planning helpers
     def image_tokens_schedule(self, num_image_tokens: int, num_layers: int) -> list[int] | None:
         """Image tokens present in each decoder layer for an input with ``num_image_tokens``.
 
-        Returns ``None`` for methods whose counts depend on the input. Used by
-        :mod:`himap_vlm.apps.flops`; the engine reports measured counts in ``run.image_tokens_per_layer``.
+        ``None`` when the counts depend on the input (dynamic methods). Validates the method
+        against the depth first. Used by :mod:`himap_vlm.apps.flops` (FLOPs) and the apps; the
+        engine reports measured counts in ``run.image_tokens_per_layer``.
         """
+        self.validate_for_model(num_layers)
         if self.dynamic:
             return None
-        counts = []
-        present = num_image_tokens
         steps = {s.layer: i for i, s in enumerate(self.steps())}
+        counts, present = [], int(num_image_tokens)
         for layer in range(num_layers):
             if layer in steps:
-                present = self._planned_keep(steps[layer], present)
+                kept = self.kept_after(steps[layer], present, num_image_tokens)
+                if kept is None:
+                    return None
+                present = min(present, int(kept))
             counts.append(present)
         return counts
 
-    def _planned_keep(self, step: int, num_image: int) -> int:
-        """Kept count at ``step`` (static methods); default: what :meth:`select` returns."""
-        scores = torch.zeros(num_image)
-        return int(self.select(step, scores, num_image, layer=self.steps()[step].layer).numel())
+    def __call__(self, model: torch.nn.Module, *, selection: str = "once") -> PruningRun:
+        """Bind the method to ``model``; use the result as a context manager.
 
-    def __call__(self, model: torch.nn.Module) -> PruningRun:
-        """Bind the method to ``model``; use the result as a context manager."""
+        Parameters
+        ----------
+        model : nn.Module
+            A supported model.
+        selection : {"once", "every_forward"}
+            See :class:`~himap_vlm.core.engine.PruningRun`.
+        """
         from himap_vlm.core.engine import PruningRun
 
-        return PruningRun(model, self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
+        return PruningRun(model, self, selection=selection)

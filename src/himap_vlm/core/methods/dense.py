@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from himap_vlm.core.interface import PruneStep
+from himap_vlm.core.methods.base import PruningMethod
+from himap_vlm.core.methods.registry import register
 
-from himap_vlm.core.methods.base import PruneStep, PruningMethod
 
-
+@register("dense", aliases=("none",))
 @dataclass(frozen=True)
-class DenseConfig:
-    """Dense has no parameters."""
-
-
 class Dense(PruningMethod):
     """No pruning. ``with Dense()(model) as run`` still records per-layer token counts."""
 
-    name = "dense"
-
-    def __init__(self) -> None:
-        self.config = DenseConfig()
+    rank = 0
 
     def steps(self) -> list[PruneStep]:
         return []
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
-        return torch.arange(num_image)
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+        return num_image

@@ -7,24 +7,34 @@ Pathways to Faster Inference" (HiMAP), §4; criteria as in the authors' code
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from himap_vlm.core.methods.base import (
-    PruneStep,
-    PruningMethod,
-    ScoreRequest,
-    check_layer,
-    check_ratio,
-    kept_count,
-    top_k_indices,
-)
+from himap_vlm.core.interface import PruneStep, ScoreRequest, StepInput
+from himap_vlm.core.methods.base import PruningMethod, kept_count, top_k_indices
+from himap_vlm.core.methods.params import flag, layer, ratio
+from himap_vlm.core.methods.registry import register
 
 
+@register("himap")
 @dataclass(frozen=True)
-class HiMAPConfig:
-    """Configuration of :class:`HiMAP`.
+class HiMAP(PruningMethod):
+    """HiMAP image-token pruning (two modules).
+
+    * Shallow module at layer ``k1``: score of image token v = Σ over instruction tokens i (every
+      token after the last image span) of mean_h A_{k1-1}[h, i, v]; the lowest fraction ``r1``
+      is pruned.
+    * Deep module at layer ``k2``: on the kept image tokens only, score of v = Σ over kept image
+      tokens u (queries, causal) of mean_h A_{k2-1}[h, u, v]; the lowest fraction ``r2`` of the
+      remaining tokens is pruned.
+
+    Paper settings (LLaVA-1.5-7B, 32 layers): QA ``k1=2, r1=0.5, k2=8, r2=0.75`` (about 24 % of
+    the image-token FLOPs); captioning / open QA ``k2=15, r2=0.5``. A sample with no token after
+    its last image has no instruction queries: its shallow scores are all 0 and the first image
+    tokens in sequence order are kept (a warning says so).
 
     Parameters
     ----------
@@ -41,53 +51,46 @@ class HiMAPConfig:
         Ablation of the paper's Tab. 4: score img→img at K1 and img→instruction at K2.
     """
 
-    k1: int = 2
-    r1: float = 0.5
-    k2: int = 8
-    r2: float = 0.75
-    swap_criteria: bool = False
+    rank = 10
 
-    def __post_init__(self) -> None:
-        check_layer("k1", self.k1)
-        check_layer("k2", self.k2)
-        check_ratio("r1", self.r1)
-        check_ratio("r2", self.r2)
+    k1: int = layer(2, doc="shallow filtering layer K1")
+    r1: float = ratio(0.5, doc="fraction of image tokens pruned at K1")
+    k2: int = layer(8, doc="deep filtering layer K2 (> K1)")
+    r2: float = ratio(0.75, doc="fraction of the remaining image tokens pruned at K2")
+    swap_criteria: bool = flag(False, doc="the paper's Tab. 4 ablation: criteria swapped")
+
+    def check(self) -> None:
         if self.k2 <= self.k1:
             raise ValueError(f"k2={self.k2} must be greater than k1={self.k1} (the deep module comes after the shallow one)")
-        if not isinstance(self.swap_criteria, bool):
-            raise ValueError(f"swap_criteria must be True or False; got {self.swap_criteria!r}")
 
+    @classmethod
+    def defaults_for(cls, num_layers: int) -> dict[str, Any]:
+        """``k1=2, r1=0.5, k2=max(3, L//4), r2=0.75`` (paper: K2=8 of 32 layers)."""
+        return {"k1": 2, "r1": 0.5, "k2": max(3, num_layers // 4), "r2": 0.75}
 
-class HiMAP(PruningMethod):
-    """HiMAP image-token pruning (two modules).
-
-    * Shallow module at layer ``k1``: score of image token v = Σ over instruction tokens i (every
-      token after the last image span) of mean_h A_{k1-1}[h, i, v]; the lowest fraction ``r1``
-      is pruned.
-    * Deep module at layer ``k2``: on the kept image tokens only, score of v = Σ over kept image
-      tokens u (queries, causal) of mean_h A_{k2-1}[h, u, v]; the lowest fraction ``r2`` of the
-      remaining tokens is pruned.
-
-    Paper settings (LLaVA-1.5-7B, 32 layers): QA ``k1=2, r1=0.5, k2=8, r2=0.75`` (about 24 % of
-    the image-token FLOPs); captioning / open QA ``k2=15, r2=0.5``.
-
-    Parameters
-    ----------
-    k1, r1, k2, r2, swap_criteria
-        See :class:`HiMAPConfig`.
-    """
-
-    name = "himap"
-
-    def __init__(self, k1: int = 2, r1: float = 0.5, k2: int = 8, r2: float = 0.75, swap_criteria: bool = False):
-        self.config = HiMAPConfig(k1=k1, r1=r1, k2=k2, r2=r2, swap_criteria=swap_criteria)
+    @classmethod
+    def budgets(cls, num_layers: int) -> list[dict[str, Any]]:
+        """``(r1, r2)`` in ``{(0.75, 0.9), (0.9, 0.95)}`` at the scaled layers."""
+        base = cls.defaults_for(num_layers)
+        return [{**base, "r1": 0.75, "r2": 0.9}, {**base, "r1": 0.9, "r2": 0.95}]
 
     def steps(self) -> list[PruneStep]:
         shallow, deep = ScoreRequest("instruction"), ScoreRequest("image")
-        if self.config.swap_criteria:
+        if self.swap_criteria:
             shallow, deep = deep, shallow
-        return [PruneStep(self.config.k1, shallow), PruneStep(self.config.k2, deep)]
+        return [PruneStep(self.k1, shallow), PruneStep(self.k2, deep)]
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
-        ratio = self.config.r1 if step == 0 else self.config.r2
-        return top_k_indices(scores, kept_count(num_image, ratio))
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+        return kept_count(num_image, self.r1 if step == 0 else self.r2)
+
+    def select(self, x: StepInput) -> torch.Tensor:
+        request = self.steps()[x.step].score
+        if request is not None and request.queries == "instruction" and x.scores is not None and x.num_image:
+            if not bool((x.scores != 0).any()):
+                warnings.warn(
+                    f"HiMAP: a sample has no instruction token after its last image (all scores at layer "
+                    f"{x.layer - 1} are 0); its first image tokens in sequence order are kept. Put the question "
+                    "after the image to rank by image->instruction attention.",
+                    stacklevel=2,
+                )
+        return top_k_indices(x.scores, self.kept_after(x.step, x.num_image, x.num_image_input))

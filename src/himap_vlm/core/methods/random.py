@@ -6,15 +6,23 @@ Used in the HiMAP and FastV papers' ablations to show that *which* tokens are ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from himap_vlm.core.methods.base import PruneStep, PruningMethod, check_layer, check_ratio, kept_count
+from himap_vlm.core.interface import PruneStep, StepInput
+from himap_vlm.core.methods.base import PruningMethod, kept_count
+from himap_vlm.core.methods.params import integer, layer, ratio
+from himap_vlm.core.methods.registry import register
 
 
+@register("random", aliases=("randomprune", "random_prune"))
 @dataclass(frozen=True)
-class RandomPruneConfig:
-    """Configuration of :class:`RandomPrune`.
+class RandomPrune(PruningMethod):
+    """Random image-token pruning (control).
+
+    The kept subset is drawn from a generator seeded by ``(seed, layer, num_image)`` only, so a
+    sample gets the same subset whether it runs alone or inside a padded batch.
 
     Parameters
     ----------
@@ -26,38 +34,29 @@ class RandomPruneConfig:
         Seed of the selection.
     """
 
-    k: int = 2
-    r: float = 0.5
-    seed: int = 0
+    rank = 30
 
-    def __post_init__(self) -> None:
-        check_layer("k", self.k)
-        check_ratio("r", self.r)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+    k: int = layer(2, doc="pruning layer")
+    r: float = ratio(0.5, doc="fraction of image tokens pruned")
+    seed: int = integer(0, doc="seed of the random selection")
 
+    @classmethod
+    def defaults_for(cls, num_layers: int) -> dict[str, Any]:
+        """``k=2, r=0.5`` (FastV's setting, random choice)."""
+        return {"k": 2, "r": 0.5}
 
-class RandomPrune(PruningMethod):
-    """Random image-token pruning (control).
-
-    The kept subset is drawn from a generator seeded by ``(seed, layer, num_image)`` only, so a
-    sample gets the same subset whether it runs alone or inside a padded batch.
-
-    Parameters
-    ----------
-    k, r, seed
-        See :class:`RandomPruneConfig`.
-    """
-
-    name = "random"
-
-    def __init__(self, k: int = 2, r: float = 0.5, seed: int = 0):
-        self.config = RandomPruneConfig(k=k, r=r, seed=seed)
+    @classmethod
+    def budgets(cls, num_layers: int) -> list[dict[str, Any]]:
+        """``r`` in ``{0.75, 0.9}``."""
+        return [{**cls.defaults_for(num_layers), "r": r} for r in (0.75, 0.9)]
 
     def steps(self) -> list[PruneStep]:
-        return [PruneStep(self.config.k, None)]
+        return [PruneStep(self.k)]
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed((self.config.seed * 1_000_003 + layer * 7919 + num_image) % (2**63))
-        keep = kept_count(num_image, self.config.r)
-        return torch.sort(torch.randperm(num_image, generator=gen)[:keep]).values
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+        return kept_count(num_image, self.r)
+
+    def select(self, x: StepInput) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + x.layer * 7919 + x.num_image) % (2**63))
+        keep = self.kept_after(x.step, x.num_image, x.num_image_input)
+        return torch.sort(torch.randperm(x.num_image, generator=gen)[:keep]).values

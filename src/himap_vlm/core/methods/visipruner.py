@@ -7,41 +7,64 @@ layer), §5.3 (deep layers: vision exit); reference configuration as summarised 
 ``shared/reference/methods.md``.
 
 Decisions only live here; the engine (:mod:`himap_vlm.core.engine`) applies the shallow attention edits
-(:class:`~himap_vlm.core.methods.base.AttentionEdit`), computes the per-token contributions
-(:meth:`~himap_vlm.core.engine.LayerView.last_token_contributions`) and drops tokens per sample.
+(:class:`~himap_vlm.core.interface.AttentionEdit`), computes the per-token contributions
+(:meth:`~himap_vlm.core.interface.LayerView.last_token_contributions`) and drops tokens per sample.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from himap_vlm.core.methods.base import AttentionEdit, PruneStep, PruningMethod
-
-if TYPE_CHECKING:
-    from himap_vlm.core.engine import LayerView
-
-
-def _check_int(name: str, value: Any, minimum: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} ({what}); got {value!r}")
+from himap_vlm.core.interface import AttentionEdit, LayerView, PruneStep
+from himap_vlm.core.methods.base import PruningMethod
+from himap_vlm.core.methods.params import integer, real
+from himap_vlm.core.methods.registry import register
 
 
-def _check_float(name: str, value: Any, lo: float, hi: float, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}] ({what}); got {value!r}")
-    if not lo <= float(value) <= hi:
-        raise ValueError(f"{name}={value} is out of range: it must be in [{lo}, {hi}] ({what})")
+@dataclass
+class _Sample:
+    """Per-sample progress through the stages during one prefill."""
+
+    image_tokens: int
+    phase: str = "search"  # search -> filtered -> exited
+    filtering_layer: int | None = None
+    kept_tokens: int | None = None
+    exit_layer: int | None = None
+    quiet: int = 0
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "image_tokens": self.image_tokens,
+            "filtering_layer": self.filtering_layer,
+            "kept_tokens": self.kept_tokens,
+            "exit_layer": self.exit_layer,
+        }
 
 
+@register("visipruner")
 @dataclass(frozen=True)
-class VisiPrunerConfig:
-    """Configuration of :class:`VisiPruner` (defaults: the reference configuration, LLaVA-1.5-7B).
+class VisiPruner(PruningMethod):
+    """VisiPruner image-token pruning (shallow edits, middle filtering, deep vision exit).
 
-    The thresholds are scale-dependent defaults, not universal constants.
+    * **Shallow** (layers ``< S``): post-softmax edits without renormalisation. Layer 0: for each
+      text query, ``Σ_img a_ij`` moves onto the sink image token, image→image weights become 0;
+      layers ``1 ... S-1``: text→image weights become 0. Image tokens stay in the sequence and
+      the caches (decode steps see the same edits).
+    * **Middle** (from layer S): with ``c_j = concat_h a[h, last, j] · v[h, j]`` (before
+      ``o_proj``) and ``o = Σ_j c_j`` over all keys, the first layer in which some image token
+      has ``cos(o - c_j, o) < cosine_threshold`` is the filtering layer; only tokens with
+      ``||c_j||_2 > l2_threshold`` stay from the next layer on.
+    * **Deep**: the kept tokens are measured in every later layer; after ``exit_patience``
+      consecutive layers in which none has ``cos(o - c_j, o) < exit_threshold``, that layer is the
+      *exit layer* and every image token leaves from the next layer on.
+
+    Decisions are per sample (and may fall on different layers within a batch). After a prefill,
+    ``run.record["visipruner"]`` lists, per sample, ``image_tokens``, ``filtering_layer``,
+    ``kept_tokens`` and ``exit_layer`` (``None`` where a stage never fired; with zero kept tokens
+    the exit layer is the filtering layer).
 
     Parameters
     ----------
@@ -69,118 +92,53 @@ class VisiPrunerConfig:
         image token, which precedes every query that can see an image).
     """
 
-    shallow_layers: int = 6
-    cosine_threshold: float = 0.995
-    l2_threshold: float = 0.2
-    exit_threshold: float = 0.999
-    exit_patience: int | None = 2
-    sink_index: int = 0
+    rank = 50
 
-    def __post_init__(self) -> None:
-        _check_int("shallow_layers", self.shallow_layers, 0, "number of shallow layers with attention edits")
-        _check_float("cosine_threshold", self.cosine_threshold, -1.0, 1.0, "cosine similarity")
-        if isinstance(self.l2_threshold, bool) or not isinstance(self.l2_threshold, (int, float)) or not (
-            math.isfinite(self.l2_threshold) and self.l2_threshold >= 0
-        ):
-            raise ValueError(
-                f"l2_threshold must be a finite number >= 0 (L2 norm of a token's contribution); got {self.l2_threshold!r}"
-            )
-        _check_float("exit_threshold", self.exit_threshold, -1.0, 1.0, "cosine similarity")
-        if self.exit_patience is not None:
-            _check_int("exit_patience", self.exit_patience, 1, "consecutive layers without impact; None disables")
-        _check_int("sink_index", self.sink_index, 0, "index into the first image's tokens")
+    shallow_layers: int = integer(6, minimum=0, doc="number of shallow layers with attention edits")
+    cosine_threshold: float = real(0.995, minimum=-1.0, maximum=1.0, doc="cosine similarity of the filtering test")
+    l2_threshold: float = real(0.2, minimum=0.0, doc="L2 norm of a token's contribution kept at filtering")
+    exit_threshold: float = real(0.999, minimum=-1.0, maximum=1.0, doc="cosine similarity of the exit test")
+    exit_patience: int | None = integer(
+        2, minimum=1, optional=True, doc="layers without impact before the vision exit; None disables it"
+    )
+    sink_index: int = integer(0, minimum=0, doc="index into the first image's tokens")
 
-
-@dataclass
-class _Sample:
-    """Per-sample progress through the stages during one prefill."""
-
-    image_tokens: int
-    phase: str = "search"  # search -> filtered -> exited
-    filtering_layer: int | None = None
-    kept_tokens: int | None = None
-    exit_layer: int | None = None
-    quiet: int = 0
-
-    def as_record(self) -> dict[str, Any]:
-        return {
-            "image_tokens": self.image_tokens,
-            "filtering_layer": self.filtering_layer,
-            "kept_tokens": self.kept_tokens,
-            "exit_layer": self.exit_layer,
-        }
-
-
-class VisiPruner(PruningMethod):
-    """VisiPruner image-token pruning (shallow edits, middle filtering, deep vision exit).
-
-    * **Shallow** (layers ``< S``): post-softmax edits without renormalisation. Layer 0: for each
-      text query, ``Σ_img a_ij`` moves onto the sink image token, image→image weights become 0;
-      layers ``1 ... S-1``: text→image weights become 0. Image tokens stay in the sequence and
-      the caches (decode steps see the same edits).
-    * **Middle** (from layer S): with ``c_j = concat_h a[h, last, j] · v[h, j]`` (before
-      ``o_proj``) and ``o = Σ_j c_j`` over all keys, the first layer in which some image token
-      has ``cos(o - c_j, o) < cosine_threshold`` is the filtering layer; only tokens with
-      ``||c_j||_2 > l2_threshold`` stay from the next layer on.
-    * **Deep**: the kept tokens are measured in every later layer; after ``exit_patience``
-      consecutive layers in which none has ``cos(o - c_j, o) < exit_threshold``, that layer is the
-      *exit layer* and every image token leaves from the next layer on.
-
-    Decisions are per sample (and may fall on different layers within a batch). After a prefill,
-    ``run.record["visipruner"]`` lists, per sample, ``image_tokens``, ``filtering_layer``,
-    ``kept_tokens`` and ``exit_layer`` (``None`` where a stage never fired; with zero kept tokens
-    the exit layer is the filtering layer).
-
-    Parameters
-    ----------
-    shallow_layers, cosine_threshold, l2_threshold, exit_threshold, exit_patience, sink_index
-        See :class:`VisiPrunerConfig`.
-    """
-
-    name = "visipruner"
     dynamic = True
 
-    def __init__(
-        self,
-        shallow_layers: int = 6,
-        cosine_threshold: float = 0.995,
-        l2_threshold: float = 0.2,
-        exit_threshold: float = 0.999,
-        exit_patience: int | None = 2,
-        sink_index: int = 0,
-    ):
-        self.config = VisiPrunerConfig(
-            shallow_layers=shallow_layers,
-            cosine_threshold=cosine_threshold,
-            l2_threshold=l2_threshold,
-            exit_threshold=exit_threshold,
-            exit_patience=exit_patience,
-            sink_index=sink_index,
-        )
+    @classmethod
+    def defaults_for(cls, num_layers: int) -> dict[str, Any]:
+        """``shallow_layers = max(1, round(6 L / 32))`` (paper: 6 of 32), the paper's thresholds."""
+        return {"shallow_layers": max(1, round(6 * num_layers / 32))}
+
+    @classmethod
+    def budgets(cls, num_layers: int) -> list[dict[str, Any]]:
+        """``l2_threshold`` in ``{0.1, 0.4}``."""
+        base = cls.defaults_for(num_layers)
+        return [{**base, "l2_threshold": 0.1}, {**base, "l2_threshold": 0.4}]
 
     # ------------------------------------------------------------------ engine contract
     def steps(self) -> list[PruneStep]:
         return []
 
     def attention_edits(self) -> dict[int, AttentionEdit]:
-        s = self.config.shallow_layers
+        s = self.shallow_layers
         edits: dict[int, AttentionEdit] = {}
         if s >= 1:
-            edits[0] = AttentionEdit(text_to_image="merge", image_to_image="drop", sink=self.config.sink_index)
+            edits[0] = AttentionEdit(text_to_image="merge", image_to_image="drop", sink=self.sink_index)
         for layer in range(1, s):
             edits[layer] = AttentionEdit(text_to_image="drop", image_to_image="keep")
         return edits
 
     def validate_for_model(self, num_layers: int) -> None:
         super().validate_for_model(num_layers)
-        if self.config.shallow_layers >= num_layers:
+        if self.shallow_layers >= num_layers:
             raise ValueError(
-                f"{self.name}: shallow_layers={self.config.shallow_layers} is out of range for this model: it has "
+                f"{self.name}: shallow_layers={self.shallow_layers} is out of range for this model: it has "
                 f"{num_layers} decoder layers, so shallow_layers must be in [0, {num_layers - 1}]"
             )
 
     def on_layer(self, layer: int, view: LayerView) -> list[torch.Tensor | None] | None:
-        cfg = self.config
+        cfg = self
         state = view.state
         if "samples" not in state:
             state["samples"] = [_Sample(image_tokens=n) for n in view.image_counts]

@@ -9,30 +9,18 @@ a KL-divergence criterion (eq. 6); authors' code ``lzhxmu/VTW``. The calibration
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from himap_vlm.core.methods.base import PruneStep, PruningMethod, check_layer
+from himap_vlm.core.interface import PruneStep, StepInput
+from himap_vlm.core.methods.base import PruningMethod
+from himap_vlm.core.methods.params import layer
+from himap_vlm.core.methods.registry import register
 
 
+@register("vtw")
 @dataclass(frozen=True)
-class VTWConfig:
-    """Configuration of :class:`VTW`.
-
-    Parameters
-    ----------
-    k : int
-        Withdrawal layer K (0-based, >= 1): layers ``k, k+1, ...`` run without any image token and
-        their KV caches hold no image keys/values. Must be below the model's number of layers.
-        The authors' code (0-based layer index) uses 15/16 for LLaVA-1.5-7B, 20 for 13B.
-    """
-
-    k: int = 16
-
-    def __post_init__(self) -> None:
-        check_layer("k", self.k)
-
-
 class VTW(PruningMethod):
     """Visual Tokens Withdrawal.
 
@@ -44,7 +32,9 @@ class VTW(PruningMethod):
     Parameters
     ----------
     k : int
-        See :class:`VTWConfig`.
+        Withdrawal layer K (0-based, >= 1): layers ``k, k+1, ...`` run without any image token and
+        their KV caches hold no image keys/values. The authors' code uses 15/16 for
+        LLaVA-1.5-7B, 20 for 13B.
 
     Examples
     --------
@@ -54,13 +44,25 @@ class VTW(PruningMethod):
     [0]
     """
 
-    name = "vtw"
+    rank = 40
 
-    def __init__(self, k: int = 16):
-        self.config = VTWConfig(k=k)
+    k: int = layer(16, doc="withdrawal layer K")
+
+    @classmethod
+    def defaults_for(cls, num_layers: int) -> dict[str, Any]:
+        """``k = L // 2`` (paper: K=16 of 32 layers)."""
+        return {"k": max(1, num_layers // 2)}
+
+    @classmethod
+    def budgets(cls, num_layers: int) -> list[dict[str, Any]]:
+        """``k`` in ``{L//4, min(L-1, 3L//4)}``."""
+        return [{"k": max(1, num_layers // 4)}, {"k": max(1, min(num_layers - 1, 3 * num_layers // 4))}]
 
     def steps(self) -> list[PruneStep]:
-        return [PruneStep(self.config.k, None)]
+        return [PruneStep(self.k)]
 
-    def select(self, step: int, scores: torch.Tensor | None, num_image: int, *, layer: int) -> torch.Tensor:
+    def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+        return 0
+
+    def select(self, x: StepInput) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)

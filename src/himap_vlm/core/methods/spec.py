@@ -1,4 +1,7 @@
-"""Method configurations for evaluation: parse ``--methods`` / ``--method-args`` and name result folders.
+"""The one spec syntax for method configurations: ``himap(k1=2,r1=0.5)``, method lists, folder names.
+
+Every command (``generate``, ``flops``, ``bench``, ``eval``, ``demo``, ``calibrate``) and the Python
+API parse method configurations here.
 
 Syntax
 ------
@@ -10,8 +13,10 @@ parentheses::
     dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),himap(k1=2,r1=0.5,k2=15,r2=0.5),fastv(k=2,r=0.5)
 
 The same method may appear several times with different parameters. Parameters left out take
-the method's defaults. *Method arguments* give parameters to every configuration of a method
-by name (``;`` separates methods)::
+the method's defaults: when the model's depth is known (``num_layers``), the paper's setting
+scaled to it (:meth:`~himap_vlm.core.methods.base.PruningMethod.defaults_for`), otherwise the
+constructor defaults. *Method arguments* give parameters to every configuration of a method by
+name (``;`` separates methods)::
 
     himap:k1=2,r1=0.5,k2=8,r2=0.75;fastv:k=2,r=0.5
 
@@ -31,7 +36,6 @@ that differs from its default, in the config's field order. ``dense`` -> ``dense
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,7 +138,7 @@ def _parse_pairs(text: str, where: str) -> dict[str, Any]:
 
 
 def _method_class(name: str) -> type[PruningMethod]:
-    from himap_vlm.core.methods import get_method
+    from himap_vlm.core.methods.registry import get_method
 
     try:
         return get_method(name)
@@ -142,20 +146,24 @@ def _method_class(name: str) -> type[PruningMethod]:
         raise MethodSpecError(str(exc)) from None
 
 
-def _accepted_params(cls: type) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+def _accepted_params(cls: type[PruningMethod]) -> list[str]:
+    return list(cls.params())
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method configuration to evaluate.
+    """One method configuration.
 
     Parameters
     ----------
     name : str
-        Registered method name (``dense``, ``himap``, ``fastv``, ``random``, ``vtw``, ...).
+        Registered method name or alias (``dense``, ``himap``, ``fastv``, ``random``, ``vtw``, ...);
+        stored as the canonical name.
     params : dict
         Parameters given explicitly; the others take the method's defaults.
+    num_layers : int, optional
+        Decoder layers of the model the configuration is for: defaults then come from
+        ``defaults_for(num_layers)`` and :meth:`build` checks the configuration fits that depth.
 
     Raises
     ------
@@ -165,24 +173,26 @@ class MethodSpec:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    num_layers: int | None = None
 
     def __post_init__(self) -> None:
-        name = self.name.strip().lower()
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "params", dict(self.params))
-        cls = _method_class(name)
+        cls = _method_class(self.name)
+        object.__setattr__(self, "name", cls.name)
+        object.__setattr__(self, "params", {k.replace("-", "_"): v for k, v in dict(self.params).items()})
         accepted = _accepted_params(cls)
         unknown = sorted(set(self.params) - set(accepted))
         if unknown:
             raise MethodSpecError(
-                f"method {name!r} does not take {', '.join(repr(u) for u in unknown)}; "
+                f"method {cls.name!r} does not take {', '.join(repr(u) for u in unknown)}; "
                 f"its parameters are: {', '.join(accepted) or '(none)'}"
             )
         self.build()  # validates values now rather than at evaluation time
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def parse(cls, text: str, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> MethodSpec:
+    def parse(
+        cls, text: str, defaults: Mapping[str, Mapping[str, Any]] | None = None, num_layers: int | None = None
+    ) -> MethodSpec:
         """Parse one configuration, ``name`` or ``name(k=v,...)``.
 
         Parameters
@@ -192,6 +202,8 @@ class MethodSpec:
         defaults : mapping, optional
             Method arguments by method name (see :func:`parse_method_args`); parameters in
             parentheses win.
+        num_layers : int, optional
+            The model's depth (see the class).
         """
         item = text.strip()
         m = re.fullmatch(r"([^()\s]+)\s*(?:\((.*)\))?", item, flags=re.S)
@@ -202,45 +214,58 @@ class MethodSpec:
         name, inner = m.group(1), m.group(2)
         if not _NAME.match(name):
             raise MethodSpecError(f"invalid method name {name!r} in {text!r}")
-        params: dict[str, Any] = dict((defaults or {}).get(name.lower(), {}))
+        canonical = _method_class(name).name
+        params: dict[str, Any] = dict((defaults or {}).get(canonical, {}))
         if inner is not None and inner.strip():
             params.update(_parse_pairs(inner, f"method {name!r}"))
-        return cls(name, params)
+        return cls(canonical, params, num_layers)
 
     @classmethod
-    def from_method(cls, method: PruningMethod) -> MethodSpec:
+    def from_method(cls, method: PruningMethod, num_layers: int | None = None) -> MethodSpec:
         """The spec of an already built method (its full configuration as parameters)."""
-        accepted = set(_accepted_params(type(method)))
-        config = _config_dict(method)
-        return cls(method.name, {k: v for k, v in config.items() if k in accepted})
+        return cls(method.name, dict(method.config), num_layers)
+
+    def resolved_params(self) -> dict[str, Any]:
+        """The constructor arguments: depth-scaled defaults (when the depth is known), then the explicit ones."""
+        cls = _method_class(self.name)
+        base = cls.defaults_for(self.num_layers) if self.num_layers is not None else {}
+        return {**base, **self.params}
 
     def build(self) -> PruningMethod:
-        """A new method instance (a fresh one for every ``with method(model)`` block)."""
+        """A new method instance, checked against ``num_layers`` when it is known.
+
+        Raises
+        ------
+        MethodSpecError
+            For a refused value or a configuration that does not fit the depth.
+        """
         cls = _method_class(self.name)
         try:
-            return cls(**self.params)
+            method = cls(**self.resolved_params())
+            if self.num_layers is not None:
+                method.validate_for_model(self.num_layers)
         except (TypeError, ValueError) as exc:
             raise MethodSpecError(f"{self.name}: {exc}") from None
+        return method
 
     # ------------------------------------------------------------------ naming
     @property
     def config(self) -> dict[str, Any]:
-        """The resolved configuration (every field of the method's config, defaults included)."""
-        return _config_dict(self.build())
+        """The resolved configuration (every parameter, defaults included)."""
+        return dict(self.build().config)
 
     @property
     def slug(self) -> str:
         """Stable, readable folder name, e.g. ``himap_k1-2_r1-0.5_k2-8_r2-0.75`` (see module docstring)."""
         method = self.build()
         parts = [self.name]
-        cfg = getattr(method, "config", None)
-        if cfg is not None and dataclasses.is_dataclass(cfg):
-            for f in dataclasses.fields(cfg):
-                value = getattr(cfg, f.name)
-                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-                default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-                if numeric or value != default:
-                    parts.append(f"{f.name}-{format_value(value)}")
+        for f in dataclasses.fields(method):
+            if f.name not in method.params():
+                continue
+            value = getattr(method, f.name)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric or value != f.default:
+                parts.append(f"{f.name}-{format_value(value)}")
         return _SLUG_UNSAFE.sub("_", "_".join(parts))
 
     @property
@@ -251,17 +276,16 @@ class MethodSpec:
         inner = ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
         return f"{self.name}({inner})"
 
+    @property
+    def full_label(self) -> str:
+        """``name(k=v,...)`` with every resolved parameter (parseable back with :meth:`parse`)."""
+        config = self.config
+        if not config:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={format_value(v)}' for k, v in config.items())})"
+
     def __str__(self) -> str:
         return self.label
-
-
-def _config_dict(method: Any) -> dict[str, Any]:
-    cfg = getattr(method, "config", None)
-    if cfg is None:
-        return {}
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return dict(vars(cfg))
 
 
 def parse_method_args(texts: str | Iterable[str] | None) -> dict[str, dict[str, Any]]:
@@ -294,7 +318,7 @@ def parse_method_args(texts: str | Iterable[str] | None) -> dict[str, dict[str, 
             name = name.strip().lower()
             if not _NAME.match(name):
                 raise MethodSpecError(f"method arguments: invalid method name {name!r} in {entry!r}")
-            _method_class(name)
+            name = _method_class(name).name
             if name in out:
                 raise MethodSpecError(f"method arguments: method {name!r} given twice")
             out[name] = _parse_pairs(pairs, f"method arguments for {name!r}") if pairs.strip() else {}
@@ -304,6 +328,7 @@ def parse_method_args(texts: str | Iterable[str] | None) -> dict[str, dict[str, 
 def parse_methods(
     texts: str | Iterable[str],
     method_args: str | Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
+    num_layers: int | None = None,
 ) -> list[MethodSpec]:
     """Parse a method list (one string or several, e.g. a repeated ``--methods``).
 
@@ -313,6 +338,8 @@ def parse_methods(
         ``"dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv"``; see the module docstring.
     method_args : str, iterable of str, or mapping, optional
         Method arguments (``"himap:k1=2;fastv:k=2"``), or their parsed form.
+    num_layers : int, optional
+        The model's depth (defaults scaled to it; configurations checked against it).
 
     Returns
     -------
@@ -336,7 +363,7 @@ def parse_methods(
         for part in _split_top_level(text, ",", "methods"):
             if not part.strip():
                 raise MethodSpecError(f"methods: empty entry in {text!r} (stray comma?)")
-            specs.append(MethodSpec.parse(part, defaults))
+            specs.append(MethodSpec.parse(part, defaults, num_layers))
     if not specs:
         raise MethodSpecError("methods: give at least one method (e.g. dense,himap,fastv)")
     listed = {s.name for s in specs}
@@ -359,8 +386,9 @@ def parse_methods(
 
 def resolve_methods(
     methods: str | MethodSpec | PruningMethod | Sequence[str | MethodSpec | PruningMethod],
+    num_layers: int | None = None,
 ) -> list[MethodSpec]:
-    """Normalise what :func:`himap_vlm.apps.eval.runner.evaluate` accepts into a list of :class:`MethodSpec`.
+    """Normalise strings, specs and built methods into a list of :class:`MethodSpec`.
 
     Strings are parsed with :func:`parse_methods` (so ``"dense,himap"`` is two methods); built
     :class:`~himap_vlm.core.methods.base.PruningMethod` instances are converted with
@@ -372,11 +400,12 @@ def resolve_methods(
     specs: list[MethodSpec] = []
     for item in items:
         if isinstance(item, MethodSpec):
-            specs.append(item)
+            same = num_layers is None or item.num_layers == num_layers
+            specs.append(item if same else MethodSpec(item.name, item.params, num_layers))
         elif isinstance(item, PruningMethod):
-            specs.append(MethodSpec.from_method(item))
+            specs.append(MethodSpec.from_method(item, num_layers))
         elif isinstance(item, str):
-            specs.extend(parse_methods(item))
+            specs.extend(parse_methods(item, num_layers=num_layers))
         else:
             raise MethodSpecError(
                 f"methods must be strings, MethodSpec or PruningMethod instances; got {type(item).__name__}"
