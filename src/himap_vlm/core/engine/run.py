@@ -74,7 +74,8 @@ class PruningRun:
     layer get their state from that layer, through the final norm. When a prefill dropped tokens,
     ``output_hidden_states`` / ``output_attentions`` are scattered back to input positions too:
     ``hidden_states[0]`` is the full input, ``hidden_states[l + 1]`` holds layer ``l``'s outputs
-    at the positions it processed (``layer_positions[l]``) and 0 elsewhere; ``attentions[l]`` is
+    at the positions it processed (``layer_positions[l]``) and 0 elsewhere, except the last entry,
+    which is ``last_hidden_state`` (as in transformers); ``attentions[l]`` is
     (B, H, S, S) with 0 at rows and columns layer ``l`` did not process. Positions that carry no
     real token (padding) hold 0 in every returned hidden state of such a prefill. A prefill that
     dropped no token returns the model's own outputs untouched (equal to the unpruned model).

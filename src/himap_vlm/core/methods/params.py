@@ -164,7 +164,7 @@ def coerce(name: str, p: Param, value: Any) -> Any:
         raise bad()
     if p.kind in ("layer", "int"):
         if not isinstance(value, numbers.Integral):
-            hint = f" (a {type(value).__name__}: pass int({value!r}))" if float(value).is_integer() else ""
+            hint = f" (a {type(value).__name__}: pass int({float(value)!r}))" if float(value).is_integer() else ""
             raise bad(hint)
         out: int | float = int(value)
     else:
