@@ -37,24 +37,37 @@ def gen(model, inputs, n=4):
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1).float()
 
 
-def shallow_edit(inputs, image_id: int, shallow_layers: int, sink_index: int = 0):
-    """The shallow stage written on explicit post-softmax matrices (B, H, T, T), as in the paper."""
+def shallow_edit(inputs, image_id: int, shallow_layers: int, sink_index: int = 0, variant: str = "merge"):
+    """The shallow stage written on explicit post-softmax matrices (B, H, T, T), as the authors' code.
+
+    Only prompt queries are edited (generated tokens attend normally); ``variant`` is ``"merge"``
+    (7B: layer 0 merges text->image mass onto the sink and zeroes image->image) or ``"drop_half"``
+    (13B: layer 0 zeroes image->image and text->first half of the image tokens).
+    """
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     img_prompt = (ids == image_id) & mask
+    s = ids.shape[1]
 
     def edit(layer: int, w: torch.Tensor):
         if layer >= shallow_layers:
             return None
         b, _, t, _ = w.shape
         img = torch.zeros(b, t, dtype=torch.bool)
-        img[:, : ids.shape[1]] = img_prompt  # generated tokens are text
-        text_to_img = (~img)[:, None, :, None] & img[:, None, None, :]
+        img[:, :s] = img_prompt  # generated tokens are text
+        prompt_rows = torch.arange(t) < s
+        text_q = (~img) & prompt_rows[None]
+        keys = img
+        if layer == 0 and variant == "drop_half":
+            rank = torch.cumsum(img.long(), dim=1) - 1
+            keys = img & (rank < (img.sum(1) // 2)[:, None])
+        text_to_img = text_q[:, None, :, None] & keys[:, None, None, :]
         out = w.masked_fill(text_to_img, 0.0)
         if layer == 0:
-            mass = (w * text_to_img).sum(-1)  # (B, H, T): each text query's total weight on images
-            for i in range(b):
-                if img[i].any():
-                    out[i, :, :, torch.nonzero(img[i]).flatten()[sink_index]] += mass[i]
+            if variant == "merge":
+                mass = (w * text_to_img).sum(-1)  # (B, H, T): each text query's total weight on images
+                for i in range(b):
+                    if img[i].any():
+                        out[i, :, :, torch.nonzero(img[i]).flatten()[sink_index]] += mass[i]
             out = out.masked_fill(img[:, None, :, None] & img[:, None, None, :], 0.0)
         return out
 
@@ -244,60 +257,118 @@ class _FakeView:
         return self._c
 
 
-def test_stage_decisions_follow_the_thresholds():
-    """cos(o - c_j, o) = 10 / sqrt(100 + alpha^2); ||c_j|| = alpha."""
-    method = VisiPruner(shallow_layers=2, cosine_threshold=0.995, l2_threshold=0.2, exit_threshold=0.999, exit_patience=2)
+def _stepper(method):
     state, record = {}, {}
-    quiet = [0.05, 0.1, 0.15]  # cos >= 0.9999 for all
 
     def step(layer, alphas):
         view = _FakeView(layer, alphas, state, record)
         return method.on_layer(layer, view), view
 
-    for layer in (0, 1):  # shallow: no decision, nothing computed
+    return step, record
+
+
+def test_stage_decisions_follow_the_thresholds():
+    """cos(o - c_j, o) = 10 / sqrt(100 + alpha^2); ||c_j|| = alpha. Search from S + 1 (authors)."""
+    method = VisiPruner(shallow_layers=2, cosine_threshold=0.995, l2_threshold=0.2, exit_threshold=0.999, exit_patience=2)
+    step, record = _stepper(method)
+    quiet = [0.05, 0.1, 0.15]  # cos >= 0.9999 for all
+    for layer in (0, 1, 2):  # shallow layers and layer S itself: no decision, nothing computed
         decision, view = step(layer, [[1.5] * 4, None, [1.5] * 3])
         assert decision is None and not view.asked
-    # layer 2: sample 0 has a token with cos < 0.995 (alpha 1.5 -> 0.9889) -> filtering layer
-    decision, _ = step(2, [[0.1, 0.5, 1.5, 0.05], None, quiet])
+    # layer 3 = S + 1: sample 0 has a token with cos < 0.995 (alpha 1.5 -> 0.9889) -> filtering layer
+    decision, _ = step(3, [[0.1, 0.5, 1.5, 0.05], None, quiet])
     assert decision[0].tolist() == [1, 2] and decision[1] is None and decision[2] is None
-    # kept tokens: 3 quiet (cos(0.3)=0.99955 >= 0.999), 4 impact (cos(0.6)=0.9982), 5 and 6 quiet -> exit at 6
-    assert step(3, [[0.3, 0.2], None, quiet])[0] == [None, None, None]
-    assert step(4, [[0.6, 0.1], None, quiet])[0] == [None, None, None]
-    assert step(5, [[0.3, 0.2], None, quiet])[0] == [None, None, None]
+    # kept tokens: 4 quiet (cos(0.3)=0.99955 >= 0.999), 5 impact (cos(0.6)=0.9982), 6 quiet -> 2 in total: exit at 6
+    assert step(4, [[0.3, 0.2], None, quiet])[0] == [None, None, None]
+    assert step(5, [[0.6, 0.1], None, quiet])[0] == [None, None, None]
     decision, _ = step(6, [[0.3, 0.2], None, [0.05, 0.1, 2.0]])
     assert decision[0].numel() == 0  # vision exit: every image token leaves
     assert decision[2].tolist() == [2]  # sample 2 filters now (alpha 2.0), keeps only that token
     assert record["visipruner"] == [
-        {"image_tokens": 4, "filtering_layer": 2, "kept_tokens": 2, "exit_layer": 6},
+        {"image_tokens": 4, "filtering_layer": 3, "kept_tokens": 2, "exit_layer": 6},
         {"image_tokens": 0, "filtering_layer": None, "kept_tokens": None, "exit_layer": None},
         {"image_tokens": 3, "filtering_layer": 6, "kept_tokens": 1, "exit_layer": None},
     ]
-    # a fresh prefill starts from a fresh state
-    state2, record2 = {}, {}
-    assert method.on_layer(2, _FakeView(2, [[0.1, 1.5]], state2, record2))[0].tolist() == [1]
-    # nothing kept at the filtering layer: the exit is the filtering layer itself
-    state3, record3 = {}, {}
-    method_strict = VisiPruner(shallow_layers=0, l2_threshold=5.0)
-    assert method_strict.on_layer(0, _FakeView(0, [[0.1, 1.5]], state3, record3))[0].numel() == 0
-    assert record3["visipruner"][0] == {"image_tokens": 2, "filtering_layer": 0, "kept_tokens": 0, "exit_layer": 0}
 
 
-@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_search_starts_after_layer_s():
+    """The authors search from layer S + 1 (``layer_idx > shallow_mid_layer``): layer S never filters."""
+    method = VisiPruner(shallow_layers=4, cosine_threshold=1.0, l2_threshold=0.0)
+    step, record = _stepper(method)
+    assert step(4, [[1.0, 2.0]])[0] is None
+    assert step(5, [[1.0, 2.0]])[0][0].tolist() == [0, 1]
+    assert record["visipruner"][0]["filtering_layer"] == 5
+
+
+@pytest.mark.parametrize("count,exit_layer", [("total", 6), ("consecutive", 7)])
+def test_exit_counter_total_is_the_authors_consecutive_is_the_papers(count, exit_layer):
+    """quiet, impact, quiet, quiet: the authors' counter (never reset) exits one layer earlier."""
+    method = VisiPruner(shallow_layers=2, l2_threshold=0.2, exit_patience=2, exit_count=count)
+    step, record = _stepper(method)
+    step(3, [[0.1, 1.5, 0.5]])  # filtering: keeps [1, 2]
+    fired = None
+    for layer, alphas in zip((4, 5, 6, 7, 8), ([0.3, 0.2], [0.6, 0.1], [0.3, 0.2], [0.3, 0.2], [0.3, 0.2]), strict=True):
+        decision, _ = step(layer, [alphas])
+        if decision and decision[0] is not None and decision[0].numel() == 0:
+            fired = layer
+            break
+    assert fired == exit_layer
+    assert record["visipruner"][0]["exit_layer"] == exit_layer
+
+
+def test_keeping_every_token_never_exits_and_keeping_none_has_no_separate_exit():
+    method = VisiPruner(shallow_layers=0, l2_threshold=0.05, exit_patience=1)
+    step, record = _stepper(method)
+    decision, _ = step(1, [[0.1, 1.5], [0.1, 1.5]])  # every token passes the L2 test
+    assert decision[0].tolist() == [0, 1]
+    for layer in range(2, 12):  # many quiet layers: the authors' code never applies the exit
+        decision, _ = step(layer, [[0.01, 0.01], [0.01, 0.01]])
+        assert decision is None or all(d is None for d in decision)
+    assert record["visipruner"][0] == {"image_tokens": 2, "filtering_layer": 1, "kept_tokens": 2, "exit_layer": None}
+    strict = VisiPruner(shallow_layers=0, l2_threshold=5.0)
+    step, record = _stepper(strict)
+    assert step(1, [[0.1, 1.5]])[0][0].numel() == 0
+    assert record["visipruner"][0] == {"image_tokens": 2, "filtering_layer": 1, "kept_tokens": 0, "exit_layer": None}
+
+
+def test_the_last_layer_can_decide():
+    """Decisions are possible (and recorded) at the last layer, as in the authors' code."""
+    model, proc = tiny("llama-mha")
+    inputs = make_inputs(proc, [PROMPTS[0]], [[image_for(model, 0)]])
+    last = num_layers(model) - 1
+    seen = []
+
+    class Probe(VisiPruner):
+        def on_layer(self, layer, view):
+            seen.append(layer)
+            return super().on_layer(layer, view)
+
+    with torch.no_grad(), Probe(shallow_layers=last - 1, shallow="off", cosine_threshold=1.0, l2_threshold=0.0)(model) as run:
+        model(**inputs)
+    assert seen[-1] == last
+    assert run.record["visipruner"][0]["filtering_layer"] == last  # recorded, nothing left to prune
+
+
+@pytest.mark.parametrize("patience", [1, 2])
 def test_vision_exit_fires_after_patience(patience):
-    """cosine_threshold=1 filters at the first layer >= S, l2_threshold=0 keeps every token, and
-    exit_threshold=-1 makes every later layer "without impact": the exit is at S + patience."""
+    """cosine_threshold=1 filters at layer S + 1; exit_threshold=-1 makes every later layer quiet:
+    a sample that kept some but not all tokens exits at S + 1 + patience."""
     model, proc = tiny("llama-mha")
     s = 1
     inputs = make_inputs(proc, [PROMPTS[0], PROMPTS[1]], [[image_for(model, 0)], [image_for(model, 1)]])
-    method = VisiPruner(shallow_layers=s, cosine_threshold=1.0, l2_threshold=0.0, exit_threshold=-1.0, exit_patience=patience)
+    method = VisiPruner(shallow_layers=s, cosine_threshold=1.0, l2_threshold=_L2["llama-mha"], exit_threshold=-1.0, exit_patience=patience)
     with torch.no_grad(), method(model) as run:
         tokens, logits = gen(model, inputs, n=3)
     n = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    exit_layer = s + patience
-    for rec in run.record["visipruner"]:
-        assert rec == {"image_tokens": n, "filtering_layer": s, "kept_tokens": n, "exit_layer": exit_layer}
-    counts = [c[0] for c in run.image_tokens_per_layer]
-    assert counts == [n] * (exit_layer + 1) + [0] * (num_layers(model) - exit_layer - 1)
+    partial = [r for r in run.record["visipruner"] if 0 < r["kept_tokens"] < n]
+    assert partial, run.record
+    for b, rec in enumerate(run.record["visipruner"]):
+        assert rec["filtering_layer"] == s + 1
+        counts = [c[b] for c in run.image_tokens_per_layer]
+        if 0 < rec["kept_tokens"] < n:
+            exit_layer = s + 1 + patience
+            assert rec["exit_layer"] == exit_layer
+            assert counts == [n] * (s + 2) + [rec["kept_tokens"]] * (exit_layer - s - 1) + [0] * (num_layers(model) - exit_layer - 1)
     for t in range(tokens.shape[1]):
         ref = masked_reference_logits(
             model, inputs, run.layer_positions, tokens[:, :t],
@@ -305,10 +376,51 @@ def test_vision_exit_fires_after_patience(patience):
         )
         torch.testing.assert_close(logits[:, t], ref, rtol=1e-4, atol=1e-4)
     # no exit without patience
-    with torch.no_grad(), VisiPruner(shallow_layers=s, cosine_threshold=1.0, l2_threshold=0.0, exit_threshold=-1.0, exit_patience=None)(model) as run:
+    with torch.no_grad(), VisiPruner(shallow_layers=s, cosine_threshold=1.0, l2_threshold=_L2["llama-mha"], exit_threshold=-1.0, exit_patience=None)(model) as run:
         model(**inputs)
-    assert [c[0] for c in run.image_tokens_per_layer] == [n] * num_layers(model)
-    assert run.record["visipruner"][0]["exit_layer"] is None
+    assert all(r["exit_layer"] is None for r in run.record["visipruner"])
+
+
+def test_generated_tokens_attend_without_edits():
+    """The authors edit the prefill only: a reference that also edits generated queries disagrees."""
+    model, proc = tiny("llama-mha")
+    inputs = make_inputs(proc, [PROMPTS[0], PROMPTS[2]], [[image_for(model, 0)], [image_for(model, 1)]])
+    method = VisiPruner(shallow_layers=3, cosine_threshold=-1.0)
+    with torch.no_grad(), method(model) as run:
+        tokens, logits = gen(model, inputs, n=3)
+    image_id = model.config.image_token_id
+    ours = masked_reference_logits(model, inputs, run.layer_positions, tokens[:, :2], attention_edit=shallow_edit(inputs, image_id, 3))
+    torch.testing.assert_close(logits[:, 2], ours, rtol=1e-4, atol=1e-4)
+
+    def edit_all(layer, w):  # the old rule: generated tokens are edited as text queries too
+        s = inputs["input_ids"].shape[1]
+        longer = {**inputs, "input_ids": torch.cat([inputs["input_ids"], tokens[:, :2]], 1)}
+        longer["attention_mask"] = torch.ones_like(longer["input_ids"])
+        longer["attention_mask"][:, :s] = inputs["attention_mask"]
+        return shallow_edit(longer, image_id, 3)(layer, w)
+
+    every = masked_reference_logits(model, inputs, run.layer_positions, tokens[:, :2], attention_edit=edit_all)
+    assert (every - logits[:, 2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["drop_half", "off"])
+def test_shallow_variants_equal_explicit_reference(variant):
+    model, proc = tiny("qwen2-gqa")
+    inputs = make_inputs(proc, [PROMPTS[0], PROMPTS[2]], [[image_for(model, 0)], [image_for(model, 1)]])
+    method = VisiPruner(shallow_layers=2, shallow=variant, cosine_threshold=-1.0)
+    with torch.no_grad(), method(model) as run:
+        tokens, logits = gen(model, inputs, n=3)
+    with torch.no_grad():
+        dense_tokens, dense_logits = gen(model, inputs, n=3)
+    if variant == "off":  # no edits, nothing filtered: the dense model
+        assert method.attention_edits() == {}
+        torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-5)
+        return
+    assert (logits - dense_logits).abs().max() > 1e-3
+    edit = shallow_edit(inputs, model.config.image_token_id, 2, variant=variant)
+    for t in range(tokens.shape[1]):
+        ref = masked_reference_logits(model, inputs, run.layer_positions, tokens[:, :t], attention_edit=edit)
+        torch.testing.assert_close(logits[:, t], ref, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- equivalences

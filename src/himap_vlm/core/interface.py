@@ -156,9 +156,9 @@ class AttentionEdit:
     """Post-softmax edits of one layer's attention between text queries and image keys.
 
     The weights are edited *after* the softmax and not renormalised (a dropped key still counts in
-    the softmax denominator). Edits apply to every query of the layer, prefill and decode steps
-    alike (generated tokens are text queries). The engine applies them without switching the
-    model's attention kernel.
+    the softmax denominator). Edits apply to the queries of the prefill; decode-step (generated)
+    queries attend normally, as in VisiPruner's authors' code. The engine applies them without
+    switching the model's attention kernel.
 
     Parameters
     ----------
@@ -171,11 +171,17 @@ class AttentionEdit:
     sink : int
         The sink of ``"merge"``: index into the image tokens of the sample's *first* image span
         (0 = its first token), so that it precedes every query that sees an image.
+    text_image_fraction : float
+        With ``text_to_image="drop"``: the fraction of each sample's image tokens (the first
+        ones, in sequence order, all images together) whose weights from text queries are zeroed;
+        1.0 (default) zeroes them all. VisiPruner's authors' 13B layer-0 variant zeroes the first
+        half (0.5, ``int(n / 2)`` tokens).
     """
 
     text_to_image: Literal["keep", "drop", "merge"] = "keep"
     image_to_image: Literal["keep", "drop"] = "keep"
     sink: int = 0
+    text_image_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.text_to_image not in ("keep", "drop", "merge"):
@@ -186,6 +192,10 @@ class AttentionEdit:
             raise ValueError(f"AttentionEdit.image_to_image must be 'keep' or 'drop'; got {self.image_to_image!r}")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"AttentionEdit.sink must be an integer >= 0; got {self.sink!r}")
+        if not 0.0 < float(self.text_image_fraction) <= 1.0:
+            raise ValueError(f"AttentionEdit.text_image_fraction must be in (0, 1]; got {self.text_image_fraction!r}")
+        if self.text_image_fraction != 1.0 and self.text_to_image != "drop":
+            raise ValueError("AttentionEdit.text_image_fraction applies to text_to_image='drop' only")
 
     @property
     def is_identity(self) -> bool:

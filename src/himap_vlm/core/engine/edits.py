@@ -9,8 +9,10 @@ own kernel (SDPA, flash, eager):
 * text queries (few: the instruction): their image-key weights ``a_ij`` are recomputed from the
   layer's q/k (like the scores) and the difference ``Σ_img a_ij (v'_j - v_module_j)`` is added to
   the module output through ``o_proj`` (:func:`add_correction`);
-* decode steps (text queries only): after the prefill, the cache holds ``v'_j`` at the image slots
-  (:func:`write_cache`), so later steps need no hook at all.
+* decode steps: the edits are a prefill-only change, as in VisiPruner's authors' code (they edit
+  only when the query length exceeds the prompt's); generated tokens attend normally. The cache
+  therefore keeps the true values: where the ``v_proj`` hook zeroed them for the module's own
+  call, :func:`write_cache` puts them back after it.
 
 Cost: the layer's k (and v) projections once more plus (text rows x L) attention; no (L x L)
 matrix is materialised.
@@ -45,7 +47,7 @@ class EditContext:
     delta : Tensor (B, R, D) or None
         Correction of the module output at ``rows``.
     cache_fill : Tensor (B, H_kv, L, hd) or None
-        Values decode steps must read at image slots.
+        The true values, restored in the cache at image slots after the module zeroed them.
     image_slots : BoolTensor (B, L)
     armed : bool
         The ``v_proj`` hook fires once, for the module's own call.
@@ -88,6 +90,7 @@ def prepare(
     pos: Any,
     slots: SlotInfo,
     method_name: str,
+    query_limit: int | None = None,
 ) -> EditContext:
     """Plan an edit of one layer in a prefill (see the module docstring).
 
@@ -98,6 +101,9 @@ def prepare(
     pos : tuple of Tensor
         Rotary tables of the current layout.
     slots : SlotInfo
+    query_limit : int, optional
+        Only text queries at input positions below this are edited (the prompt, when a no-cache
+        forward re-runs a ``generate`` call's prompt plus generated tokens).
     """
     b, length = slots.keys_ok.shape
     device = hidden.device
@@ -110,33 +116,67 @@ def prepare(
     if edit.text_to_image == "keep":
         target = v
     elif edit.text_to_image == "drop":
-        target = torch.zeros_like(v)
+        dropped = slot_is_img
+        if edit.text_image_fraction < 1.0:  # only the first int(n * fraction) image tokens
+            rank = torch.cumsum(slot_is_img.long(), dim=1) - 1
+            limit = (slot_is_img.sum(1).float() * edit.text_image_fraction).long()
+            dropped = slot_is_img & (rank < limit[:, None])
+        target = v.masked_fill(dropped[:, None, :, None], 0.0)
     else:
         index = sink_slot[:, None, None, None].expand(-1, v.shape[1], 1, v.shape[-1])
         target = v.gather(2, index).expand_as(v)  # (B, H_kv, L, hd): v_sink everywhere
-    needs_fix = (edit.text_to_image != "keep") != module_zero or edit.text_to_image == "merge"
+    # text rows need a correction unless what they should read is what the module reads
+    reads_module = (edit.text_to_image == "keep" and not module_zero) or (
+        edit.text_to_image == "drop" and edit.text_image_fraction == 1.0 and module_zero
+    )
+    needs_fix = not reads_module
     ctx = EditContext(
         zero_slots=slot_is_img if module_zero else None,
         rows=None,
         row_valid=None,
         delta=None,
-        cache_fill=target if needs_fix else None,
+        cache_fill=v if module_zero else None,
         image_slots=slot_is_img,
     )
     ctx.armed = ctx.zero_slots is not None
-    if not needs_fix:
-        return ctx
     first_img = torch.where(slot_is_img, arange, torch.full_like(arange, length)).min(dim=1).values
-    rows_ok = slots.keys_ok & ~slot_is_img & (arange[None, :] > first_img[:, None])
+    text_rows = slots.keys_ok & ~slot_is_img & (arange[None, :] > first_img[:, None])
+    module_v = torch.zeros_like(v) if module_zero else v
+    groups = []  # (rows, per-key value the rows should read minus what the module gives them)
+    edited = text_rows if query_limit is None else text_rows & (slots.positions < query_limit)
+    if needs_fix:
+        groups.append((edited, target - module_v))
+    if module_zero and query_limit is not None:  # generated tokens past the prompt read the true values
+        groups.append((text_rows & ~edited, v - module_v))
+    parts = [_correction(family, text_config, attn, hidden, pos, slots, rows_ok, diff) for rows_ok, diff in groups]
+    parts = [p for p in parts if p is not None]
+    if parts:
+        ctx.rows = torch.cat([p[0] for p in parts], dim=1)
+        ctx.row_valid = torch.cat([p[1] for p in parts], dim=1)
+        ctx.delta = torch.cat([p[2] for p in parts], dim=1)
+    return ctx
+
+
+def _correction(
+    family: ModelFamily,
+    text_config: Any,
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    pos: Any,
+    slots: SlotInfo,
+    rows_ok: torch.Tensor,
+    diff: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(rows, row_valid, delta)``: the output correction ``o_proj(Σ_img a_ij diff_j)`` of ``rows_ok``."""
+    b = rows_ok.shape[0]
+    device = hidden.device
     n_rows = rows_ok.sum(1)
     max_rows = int(n_rows.max()) if b else 0
     if max_rows == 0:
-        return ctx
+        return None
     order = torch.sort((~rows_ok).to(torch.int8), dim=1, stable=True).indices[:, :max_rows]
     row_valid = torch.arange(max_rows, device=device)[None, :] < n_rows[:, None]
-    # per image key: value the text rows should read minus what the module reads
-    diff = (target - (0 if module_zero else v)).float()
-    diff = diff * slot_is_img[:, None, :, None]
+    diff = diff.float() * slots.is_image[:, None, :, None]
     deltas = []
     for start in range(0, max_rows, SCORE_CHUNK):
         rows = order[:, start : start + SCORE_CHUNK]
@@ -151,8 +191,7 @@ def prepare(
     projected = o_proj(delta)
     if getattr(o_proj, "bias", None) is not None:
         projected = projected - o_proj.bias
-    ctx.rows, ctx.row_valid, ctx.delta = order, row_valid, projected
-    return ctx
+    return order, row_valid, projected
 
 
 def zero_image_values(output: torch.Tensor, ctx: EditContext, layer_idx: int) -> torch.Tensor:
@@ -174,7 +213,7 @@ def add_correction(out: torch.Tensor, ctx: EditContext) -> torch.Tensor:
 
 
 def write_cache(cache: Any, layer_idx: int, ctx: EditContext) -> None:
-    """Store, at image slots, the values that decode-step (text) queries must read."""
+    """Put the true values back in the cache at the image slots the ``v_proj`` hook zeroed."""
     if ctx.cache_fill is None:
         return
     values = contract.cache_layer_values(cache, layer_idx)

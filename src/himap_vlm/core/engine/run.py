@@ -129,7 +129,8 @@ class PruningRun:
                 s.features is not None and "key_l1" in s.features.names
             ):
                 self._attn_layers.setdefault(s.layer - 1, []).append(i)
-        self._dynamic_layers = list(range(max(0, first - 1), self.num_layers - 1)) if method.dynamic else []
+        # the last layer may decide too (recorded, no effect on the computation), as the authors' code
+        self._dynamic_layers = list(range(max(0, first - 1), self.num_layers)) if method.dynamic else []
         self._edits: dict[int, AttentionEdit] = {}
         for layer, edit in method.attention_edits().items():
             if not 0 <= int(layer) < self.num_layers:
@@ -780,6 +781,7 @@ class PruningRun:
                     kwargs.get("position_embeddings"),
                     st.slots(),
                     self.method.name,
+                    query_limit=st.replay.input_ids.shape[1] if st.replay is not None else None,
                 )
             return None
 
