@@ -204,9 +204,15 @@ def test_configuration_rule_at_depth_8_and_skipped_budgets():
         "visipruner(shallow_layers=2)",
         "visipruner(shallow_layers=2,l2_threshold=0.1)",
         "visipruner(shallow_layers=2,l2_threshold=0.4)",
+        "pyramiddrop(k1=2,k2=4,k3=6,r=0.5)",
+        "pyramiddrop(k1=2,k2=4,k3=6,r=0.7)",
+        "pyramiddrop(k1=2,k2=4,k3=6,r=0.85)",
+        "dart(k=2,r=0.77)",
+        "dart(k=2,r=0.88)",
+        "dart(k=2,r=0.94)",
     ]
     assert skipped == []
-    assert [c.paper_default for c in configs].count(True) == 6
+    assert [c.paper_default for c in configs].count(True) == 8
     # explicit configurations run alone; the paper default is recognised; duplicates collapse
     configs, _ = demo_configurations("fastv(k=2,r=0.5),dense,fastv(k=2,r=0.9),fastv(k=2,r=0.5)", 8)
     assert [(c.spec.label, c.paper_default) for c in configs] == [

@@ -156,20 +156,10 @@ def method_budgets(name: str, num_layers: int) -> list[dict[str, Any]]:
         then the budgets of the module docstring's table (none for ``dense`` and for methods
         the table does not list). Some may not fit a very shallow model: the caller checks.
     """
-    from himap_vlm.apps.bench.runner import default_method_args
+    from himap_vlm.core.methods import get_method
 
-    key = name.strip().lower()
-    base = default_method_args(key, num_layers)
-    extra: list[dict[str, Any]] = []
-    if key == "himap":
-        extra = [{**base, "r1": 0.75, "r2": 0.9}, {**base, "r1": 0.9, "r2": 0.95}]
-    elif key in ("fastv", "random"):
-        extra = [{**base, "r": 0.75}, {**base, "r": 0.9}]
-    elif key == "vtw":
-        extra = [{"k": max(1, num_layers // 4)}, {"k": max(1, min(num_layers - 1, 3 * num_layers // 4))}]
-    elif key == "visipruner":
-        extra = [{**base, "l2_threshold": 0.1}, {**base, "l2_threshold": 0.4}]
-    return [base, *extra]
+    cls = get_method(name)
+    return [dict(cls.defaults_for(num_layers)), *cls.budgets(num_layers)]
 
 
 def _default_spec(name: str, num_layers: int) -> MethodSpec:

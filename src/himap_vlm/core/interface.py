@@ -29,10 +29,12 @@ __all__ = [
 ]
 
 QuerySet = Literal["instruction", "image", "last", "all"]
-PositionPolicy = Literal["keep", "renumber"]
-"""How kept tokens are positioned after a drop: ``"keep"`` their original RoPE positions (HiMAP,
-FastV, VTW: the default), or ``"renumber"`` them ``0 .. n-1`` in every later layer (PyramidDrop's
-authors' code); decode positions then continue each layer's own numbering."""
+PositionPolicy = Literal["keep", "renumber", "compact"]
+"""How kept tokens are positioned after a drop. ``"keep"``: their original RoPE positions (HiMAP,
+FastV, VTW; the default). ``"renumber"``: in the prefill, every later layer numbers its tokens
+``0 .. n-1``; generated tokens keep the positions the model computes for them (the full-length
+numbering), as PyramidDrop's authors' code does with a KV cache. ``"compact"``: renumbered as in
+``"renumber"``, and generated tokens continue each pruned layer's own numbering."""
 
 FEATURES = {
     "key_l1": "L1 norm of the layer before the pruning layer's keys (post-RoPE, kv heads concatenated)",

@@ -122,16 +122,7 @@ def default_method_args(name: str, num_layers: int) -> dict[str, Any]:
     dict
         Constructor keyword arguments.
     """
-    key = name.strip().lower()
-    if key == "himap":
-        return {"k1": 2, "r1": 0.5, "k2": max(3, num_layers // 4), "r2": 0.75}
-    if key in ("fastv", "random"):
-        return {"k": 2, "r": 0.5}
-    if key == "vtw":
-        return {"k": max(1, num_layers // 2)}
-    if key == "visipruner":
-        return {"shallow_layers": max(1, round(6 * num_layers / 32))}
-    return {}
+    return dict(get_method(name).defaults_for(num_layers))
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,11 @@ class PruningRun:
                     f"{method.name}: pruning at layer {step.layer} is not allowed for {self.family.name}: "
                     f"tokens may be dropped from layer {first} on ({self.family.notes or 'model constraint'})"
                 )
-        self.renumber = method.position_policy == "renumber"
+        policy = method.position_policy
+        if policy not in ("keep", "renumber", "compact"):
+            raise ValueError(f"{method.name}: unknown position policy {policy!r} (keep, renumber or compact)")
+        self.renumber = policy in ("renumber", "compact")
+        self.renumber_decode = policy == "compact"
         if self.renumber and not self.family.renumber_positions:
             raise ValueError(
                 f"{method.name}: renumbering positions after a drop is not defined for {self.family.name} "
@@ -342,7 +346,7 @@ class PruningRun:
         added = (past + torch.arange(s, device=device))[None].expand(b, s)
         for seg, pos in dec.segment_positions.items():
             dec.segment_positions[seg] = torch.cat([pos, added.to(pos.device)], dim=1)
-        if self.renumber:  # each pruned segment continues its own numbering
+        if self.renumber_decode:  # each pruned segment continues its own numbering
             dec.step_rope = {}
             for seg, nxt in dec.segment_next_rope.items():
                 offsets = torch.cumsum(new.long(), dim=1) - 1
@@ -578,7 +582,7 @@ class PruningRun:
                 context=LayerMaskContext(key_positions=dec.segment_positions[seg]),
             )
         kwargs["attention_mask"] = dec.mask_cache[key]
-        if self.renumber:
+        if self.renumber_decode:
             if key not in dec.rope_cache:
                 dec.rope_cache[key] = contract.rotary_for_positions(self.decoder, hidden, dec.step_rope[seg], kind)
             kwargs["position_embeddings"] = dec.rope_cache[key]
@@ -703,6 +707,11 @@ class PruningRun:
         new, rel = shrink(lay, kept, st.attn2d)
         if self.renumber:
             new.position_ids = (torch.cumsum(new.mask2d.long(), dim=1) - 1).clamp(min=0)
+            if st.replay is not None and not self.renumber_decode:
+                # generated tokens re-run without a cache keep the positions a cached decode gives
+                # them (the full-length numbering), so the answer equals the cached one
+                full = (torch.cumsum(st.attn2d.long(), dim=1) - 1).clamp(min=0).gather(1, new.idx)
+                new.position_ids = torch.where(new.idx < st.replay.input_ids.shape[1], new.position_ids, full)
             st.segment_rope_positions[new.segment] = new.position_ids
         else:
             new.position_embeddings = gather_seq(st.full_pos_emb, new.idx, -2)

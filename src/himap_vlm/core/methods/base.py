@@ -128,7 +128,7 @@ class PruningMethod(ABC):
 
     @property
     def position_policy(self) -> PositionPolicy:
-        """``"keep"`` (kept tokens keep their RoPE positions) or ``"renumber"`` (see :mod:`~himap_vlm.core.interface`)."""
+        """``"keep"``, ``"renumber"`` or ``"compact"`` (see :data:`himap_vlm.core.interface.PositionPolicy`)."""
         return "keep"
 
     # ------------------------------------------------------------------ engine contract
