@@ -200,11 +200,13 @@ def compare_bias_ratio(results: Mapping[str, BlockingResult], path: str | Path) 
                         rotation=90)
     ax.axhline(0.0, color="black", lw=0.8)
     layers = np.asarray(pair[0].layers)
+    every = np.concatenate([np.asarray(r.layers) for r in pair])
+    ax.set_xlim(every.min() - 0.7, every.max() + 0.7)  # keeps the "n/a" marks of the outer layers in view
     if len(layers) <= 40:
         ax.set_xticks(layers if len(layers) <= 16 else layers[:: max(1, len(layers) // 16)])
     ax.set_xlabel("first blocked layer l")
     ax.set_ylabel(r"$D_l = \log(E_{vv}/E_{vt})$")
-    ax.set_title("Bias ratio (HiMAP Fig. 6; > 0: intra-visual flow dominates): authors' code vs paper text",
+    ax.set_title("Bias ratio (HiMAP Fig. 6), authors' code vs paper text\n> 0: intra-visual flow dominates",
                  fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
