@@ -116,7 +116,7 @@ def test_saliency_matches_finite_differences():
     loss = taylor_terms(model, inputs, target, on_layer)
     layers = model.model.language_model.layers
 
-    def loss_with(eps, layer, h, i, j):
+    def loss_with(eps, layer, h, i, j):  # eps added to A[h, i, j] (eps * A[h, i, j]: multiplicative)
         attn = layers[layer].self_attn
         v: dict[str, torch.Tensor] = {}
         hd, kvh = attn.head_dim, h // attn.num_key_value_groups
@@ -145,15 +145,30 @@ def test_saliency_matches_finite_differences():
     for e in entries:
         a, grad = got[e]
         fd = (loss_with(eps, *e) - loss_with(-eps, *e)) / (2 * eps)
+        # paper (eq. 1): A * dL/dA
         assert a * grad == pytest.approx(a * fd, rel=1e-2, abs=1e-6 * max(a, 1e-3)), (e, a, grad, fd)
+        # authors: the gradient of a ones tensor M multiplying A is dL/dM = A * dL/dA (M -> 1 +- delta moves
+        # A by +-delta * A; delta = eps / A keeps the step in A at eps), and their saliency multiplies it by
+        # A once more: A^2 * dL/dA
+        delta = eps / a
+        fd_m = (loss_with(delta * a, *e) - loss_with(-delta * a, *e)) / (2 * delta)
+        assert a * a * grad == pytest.approx(a * fd_m, rel=1e-2, abs=1e-6 * max(a * a, 1e-6)), (e, a, grad, fd_m)
+        h, i, j = e[1:]
+        a_full = torch.zeros(4, s, s, dtype=torch.float64)
+        g_full = torch.zeros(4, s, s, dtype=torch.float64)
+        a_full[h, i, j], g_full[h, i, j] = a, grad
+        assert float(saliency_map(a_full, g_full, "paper")[i, j]) == pytest.approx(abs(a * grad) / 4, rel=1e-12)
+        assert float(saliency_map(a_full, g_full, "authors")[i, j]) == pytest.approx(abs(a * a * grad) / 4,
+                                                                                      rel=1e-12)
     # the last layer's image queries cannot reach the last position: exactly zero
     assert got[entries[3]][1] == 0.0
     assert sum(abs(a * gr) > 1e-5 for a, gr in got.values()) >= 3
 
 
-def test_saliency_group_metrics_two_images_and_isolation(tiny):
+@pytest.mark.parametrize("convention", ["authors", "paper"])
+def test_saliency_group_metrics_two_images_and_isolation(tiny, convention):
     model, proc = tiny
-    res = saliency(model, proc, [_two(), _one()])
+    res = saliency(model, proc, [_two(), _one()], convention=convention)
     assert res.per_sample["img"].shape == (2, SPEC.num_layers)
     assert res.group_sizes["other"].tolist() == [1, 0]
     # Reference: the full maps of sample 0, reduced by explicit index lists.
@@ -163,7 +178,8 @@ def test_saliency_group_metrics_two_images_and_isolation(tiny):
     ins = list(range(3 + 2 * N_IMG, s))
     maps: dict[int, torch.Tensor] = {}
     tid = proc.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
-    loss = taylor_terms(model, inputs, tid, lambda layer, a, g: maps.__setitem__(layer, saliency_map(a, g)))
+    loss = taylor_terms(model, inputs, tid,
+                        lambda layer, a, g: maps.__setitem__(layer, saliency_map(a, g, convention)))
     assert res.loss[0] == pytest.approx(loss, rel=1e-5)
     for layer, sal in maps.items():
         for name, idx in (("sys", sys_), ("img", img), ("ins", ins)):
@@ -175,7 +191,7 @@ def test_saliency_group_metrics_two_images_and_isolation(tiny):
         assert res.blocks[0, layer, 0, 2] == pytest.approx(float(sal[sys_][:, ins].sum()), abs=1e-12)  # causal: 0
         assert res.per_sample["total"][0, layer] == pytest.approx(float(sal.sum()), rel=1e-4)
     # One sample at a time: a sample's numbers do not depend on the others in the list.
-    alone = saliency(model, proc, [_one()])
+    alone = saliency(model, proc, [_one()], convention=convention)
     for k, v in alone.per_sample.items():
         np.testing.assert_allclose(v[0], res.per_sample[k][1], rtol=1e-5, atol=1e-10)
     assert res.per_layer["s_vt"].shape == res.per_layer_std["s_vt"].shape == (SPEC.num_layers,)
@@ -245,49 +261,68 @@ def test_blocking_masks_logits_exactly_prefill_and_decode(tiny):
 def test_img2rnd_rows():
     ids = torch.tensor([1, 2] + [9] * 10 + [3, 4, 5, 6])
     g = token_groups(ids, 9)
-    a = block_spec(g, "img2rnd", np.random.default_rng(5))
-    b = block_spec(g, "img2rnd", np.random.default_rng(5))
+    a = block_spec(g, "img2rnd", np.random.default_rng(5), convention="paper")
+    b = block_spec(g, "img2rnd", np.random.default_rng(5), convention="paper")
     assert a.rows.tolist() == b.rows.tolist() and len(a.rows) == len(g.ins) == 4
     assert set(a.rows.tolist()) <= set(range(2, 16)) and a.cols.tolist() == list(range(2, 12))
+    assert a.rows_at(20).tolist() == a.rows.tolist() and not a.needs_full_recompute
+    # authors: T - |sys| - |img| rows among positions >= |sys|, a new seeded draw per sequence length T
+    c = block_spec(g, "img2rnd", np.random.default_rng(5), convention="authors")
+    d = block_spec(g, "img2rnd", np.random.default_rng(5), convention="authors")
+    assert c.needs_full_recompute and c.rows_at(16).tolist() == d.rows_at(16).tolist()
+    assert c.rows_at(16) is c.rows_at(16)  # one draw per forward pass, shared by its layers
+    for t in (16, 17, 18):
+        rows = c.rows_at(t)
+        assert len(rows) == t - 2 - 10 and set(rows.tolist()) <= set(range(2, t))
     with pytest.raises(ValueError, match="no token before the first image"):
         block_spec(token_groups(torch.tensor([9, 9, 3]), 9), "img2img")
     with pytest.raises(ValueError, match="unknown flow"):
         block_spec(g, "txt2img")
 
 
-def test_consistency_is_one_when_nothing_is_blocked(tiny):
+@pytest.mark.parametrize("convention", ["authors", "paper"])
+def test_consistency_is_one_when_nothing_is_blocked(tiny, convention):
     model, proc = tiny
-    res = flow_blocking(model, proc, [_one(0), _one(1, answer="yes")], layers=[0, 3], flows=("none",),
-                        max_new_tokens=3)
+    first = flow_blocking(model, proc, [_one(0)], layers=[0], flows=("none",), max_new_tokens=3,
+                          convention=convention).dense_predictions[0]
+    # sample 0's answer is its own undisturbed output (so the authors' subset is not empty)
+    res = flow_blocking(model, proc, [_one(0, answer=first.strip()), _one(1, answer="yes")], layers=[0, 3],
+                        flows=("none",), max_new_tokens=3, convention=convention)
     np.testing.assert_array_equal(res.score_consistency["none"], 1.0)
+    np.testing.assert_array_equal(res.output_unchanged["none"], 1.0)
     np.testing.assert_array_equal(res.label_consistency["none"], 1.0)
+    np.testing.assert_array_equal(res.answer_retained["none"], 1.0)
     np.testing.assert_array_equal(res.score_consistency_dense, 1.0)
     np.testing.assert_array_equal(res.prediction_bias["none"], 0.0)
     assert res.bias_ratio() is None
     assert json.dumps(res.to_dict())
 
 
-def test_batched_runs_match_single_runs(tiny):
+@pytest.mark.parametrize("convention", ["authors", "paper"])
+def test_batched_runs_match_single_runs(tiny, convention):
     model, proc = tiny
-    kw = dict(layers=[1, 2], flows=("img2txt", "img2img", "img2rnd"), max_new_tokens=2, seed=4)
-    batched = flow_blocking(model, proc, [_two()], **kw)  # 7 rows, each with its own mask
+    kw = dict(layers=[1, 2], flows=("img2txt", "img2img", "img2rnd"), max_new_tokens=2, seed=4,
+              convention=convention)
+    batched = flow_blocking(model, proc, [_two()], **kw)  # up to 7 rows, each with its own mask
     single = flow_blocking(model, proc, [_two()], batch_size=1, **kw)
     for f in kw["flows"]:
-        np.testing.assert_array_equal(batched.score_consistency[f], single.score_consistency[f])
-        np.testing.assert_array_equal(batched.label_consistency[f], single.label_consistency[f])
+        for metric in ("score_consistency", "output_unchanged", "answer_found"):
+            np.testing.assert_array_equal(getattr(batched, metric)[f], getattr(single, metric)[f])
+        assert batched.predictions[f] == single.predictions[f]
     assert batched.score_consistency["img2img"].min() < 1.0  # blocking does something
 
 
 def test_bias_ratio_arithmetic():
     sc = {"img2img": np.array([[0.9, 0.5], [0.7, 0.5]]), "img2txt": np.array([[0.5, 0.9], [0.5, 0.9]])}
     res = BlockingResult(
-        layers=[0, 1], span=1, flows=("img2img", "img2txt"), num_layers=2, score_consistency=sc,
-        label_consistency={f: np.ones((2, 2)) for f in sc}, correct={f: np.zeros((2, 2)) for f in sc},
-        score_consistency_dense=np.ones(2), dense_correct=np.array([True, False]), dense_predictions=["a", "b"],
+        layers=[0, 1], windows=[(0, 1), (1, 2)], flows=("img2img", "img2txt"), num_layers=2, score_consistency=sc,
+        output_unchanged={f: np.ones((2, 2)) for f in sc}, answer_found={f: np.zeros((2, 2)) for f in sc},
+        score_consistency_dense=np.ones(2), dense_answer_found=np.array([True, False]),
+        dense_predictions=["a", "b"], convention="paper",
     )
     np.testing.assert_allclose(res.prediction_bias["img2img"], [0.2, 0.5])
     np.testing.assert_allclose(res.bias_ratio(), np.log([0.2 / 0.5, 0.5 / 0.1]))
-    np.testing.assert_allclose(res.answer_retention["img2txt"], [0.0, 0.0])
+    np.testing.assert_allclose(res.answer_retained["img2txt"], [0.0, 0.0])
     assert res.accuracy_dense == 0.5
 
 

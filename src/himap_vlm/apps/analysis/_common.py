@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from himap_vlm.apps.analysis.conventions import first_answer_token
 from himap_vlm.apps.analysis.groups import TokenGroups, token_groups
 from himap_vlm.core import contract
 from himap_vlm.core.families import ModelFamily, resolve_family
@@ -180,17 +181,6 @@ def _load_image(image: Any) -> Any:
     return image
 
 
-def first_answer_token(processor: Any, answer: str) -> int:
-    """First id of ``answer`` tokenized without special tokens (the paper's target token)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    if not ids:
-        raise ValueError(f"the answer {answer!r} tokenizes to nothing; cannot pick a target token")
-    return int(ids[0])
-
-
 def prepare_sample(session: AnalysisSession, processor: Any, record: Mapping[str, Any]) -> PreparedSample:
     """Build the inputs of one ``{image, question, answer}`` record.
 
@@ -227,6 +217,19 @@ _NORM_RE = re.compile(r"[^\w\s]")
 def normalise_answer(text: str) -> str:
     """Lower-case, punctuation removed, whitespace collapsed."""
     return " ".join(_NORM_RE.sub(" ", text.lower()).split())
+
+
+def answer_in_output(prediction: str, answer: str, family: str | None, rule: str) -> bool:
+    """Whether ``prediction`` contains the reference ``answer`` under ``rule``.
+
+    ``"substring"``: the authors' ``answer in prediction.strip()`` (``validate/attn_disruption.py``:
+    raw, case-sensitive; ``"A"`` is found in ``"Answer: B"``). ``"whole_word"``: :func:`contains_answer`.
+    """
+    if rule == "substring":
+        return answer in prediction.strip()
+    if rule == "whole_word":
+        return contains_answer(prediction, answer, family)
+    raise ValueError(f"unknown answer rule {rule!r}; use 'substring' or 'whole_word'")
 
 
 def contains_answer(prediction: str, answer: str, family: str | None = None) -> bool:

@@ -1,11 +1,18 @@
 """Taylor-expansion saliency of the attention maps (HiMAP paper §2.2 eq. 1–4, §3.1 eq. 5–6).
 
 For decoder layer ``l`` with post-softmax attention ``A_l[h, i, j]`` (query ``i``, key ``j``) and
-``L`` the cross-entropy of the first answer token at the last input position::
+``L`` the cross-entropy of the target token at the last input position::
 
-    I_l[i, j] = mean_h | A_l[h, i, j] · ∂L/∂A_l[h, i, j] |       (absolute value per head, then mean)
+    paper   (eq. 1):       I_l[i, j] = mean_h | A_l[h, i, j]   · ∂L/∂A_l[h, i, j] |
+    authors (their code):  I_l[i, j] = mean_h | A_l[h, i, j]^2 · ∂L/∂A_l[h, i, j] |
 
-``I_l[i, j]`` is the importance of the flow from token ``j`` to token ``i``. From it, per layer:
+(absolute value per head, then the mean over heads, in both). The authors' attention adapter
+(``src/HiMAP/analysis/atten_adapter.py``) multiplies the post-softmax map by a ones tensor that
+requires grad, whose gradient is ``A · ∂L/∂A``; ``saliency_scivqa.py`` then multiplies that
+gradient by ``A`` once more. The target token differs too (``paper``: first id of the tokenized
+answer; ``authors``: ``convert_tokens_to_ids(answer)``, see
+:mod:`himap_vlm.apps.analysis.conventions`). ``I_l[i, j]`` is the importance of the flow from
+token ``j`` to token ``i``. From it, per layer:
 
 * group importance (Fig. 3), for ``X`` in ``sys``/``img``/``ins``:
   ``S_X = (1/|X|) Σ_{i∈X} Σ_j I_l[i, j]`` — the group's tokens as *queries* (receivers), their
@@ -42,15 +49,24 @@ from himap_vlm.apps.analysis._common import (
     nanstd,
     prepare_sample,
 )
+from himap_vlm.apps.analysis.conventions import DEFAULT_CONVENTION, check_targets, get_convention
 from himap_vlm.apps.analysis.groups import GROUPS, TokenGroups, group_sums
 from himap_vlm.core import contract
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``on_layer(layer, A, dL_dA)`` with ``A`` and ``dL_dA`` of shape (H, S, S) (one sample)."""
 
+_MAP_DEFINITIONS = {
+    "authors": "mean over heads of |A_l[h,i,j]^2 * dL/dA_l[h,i,j]| (abs per head first; the authors' code: "
+    "gradient of a ones tensor multiplying A, times A); L = cross-entropy at the last input position of "
+    "tokenizer.convert_tokens_to_ids(answer); flow from token j (key) to token i (query)",
+    "paper": "mean over heads of |A_l[h,i,j] * dL/dA_l[h,i,j]| (abs per head first; paper eq. 1); L = "
+    "cross-entropy at the last input position of the first token of the tokenized answer; flow from token j "
+    "(key) to token i (query)",
+}
+
 DEFINITIONS: dict[str, str] = {
-    "I_l[i,j]": "mean over heads of |A_l[h,i,j] * dL/dA_l[h,i,j]| (abs per head first); L = cross-entropy "
-    "of the first answer token at the last input position; flow from token j (key) to token i (query)",
+    "I_l[i,j]": _MAP_DEFINITIONS["paper"],
     "sys/img/ins": "group importance: mean over the group's tokens (as queries) of their saliency row sums "
     "(authors' code; HiMAP Fig. 3)",
     "sys_from/img_from/ins_from": "mean over the group's tokens (as keys) of their saliency column sums "
@@ -152,18 +168,28 @@ def taylor_terms(model: torch.nn.Module, inputs: Any, target_id: int, on_layer: 
         return _taylor_pass(session, inputs, target_id, on_layer)
 
 
-def saliency_map(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``I = mean_h |A ⊙ ∂L/∂A|`` in float32.
+def saliency_map(a: torch.Tensor, grad: torch.Tensor, convention: str = DEFAULT_CONVENTION) -> torch.Tensor:
+    """One layer's saliency map from its attention and gradient.
+
+    ``authors``: ``I = mean_h |A ⊙ A ⊙ ∂L/∂A|`` (``src/HiMAP/analysis/atten_adapter.py`` +
+    ``saliency_scivqa.py``); ``paper``: ``I = mean_h |A ⊙ ∂L/∂A|`` (HiMAP eq. 1). Computed in
+    float32, or in float64 when either input is float64.
 
     Parameters
     ----------
     a, grad : Tensor, shape (H, S, S)
+        Post-softmax attention of one sample and ``∂L/∂A``.
+    convention : {"authors", "paper"}
 
     Returns
     -------
     Tensor, shape (S, S)
     """
-    return (a.float() * grad.float()).abs().mean(0)
+    power = get_convention(convention).saliency_power
+    dtype = torch.float64 if torch.float64 in (a.dtype, grad.dtype) else torch.float32
+    a, grad = a.to(dtype), grad.to(dtype)
+    weight = a * a if power == 2 else a
+    return (weight * grad).abs().mean(0)
 
 
 @dataclass
@@ -181,11 +207,15 @@ class SaliencyResult:
     blocks : ndarray, shape (N, L, 3, 3)
         ``blocks[n, l, X, Y] = Σ_{i∈X, j∈Y} I_l[i, j]``, groups in :data:`GROUPS` order.
     loss : ndarray, shape (N,)
-        Cross-entropy of the first answer token per sample.
+        Cross-entropy of the target token per sample.
     target_ids : list of int
-        First answer token per sample.
+        Target token per sample (rule of the convention).
     group_sizes : dict of str -> ndarray, shape (N,)
         Tokens per group (``sys``, ``img``, ``ins``, ``other``) per sample.
+    convention : {"authors", "paper"}
+        Which convention produced the numbers (:mod:`himap_vlm.apps.analysis.conventions`).
+    target_tokens : list of str
+        The vocabulary piece of every target id (e.g. ``"A"`` vs ``"▁A"``).
     groups : tuple of str
         :data:`GROUPS`.
     definitions : dict
@@ -198,8 +228,15 @@ class SaliencyResult:
     loss: np.ndarray
     target_ids: list[int]
     group_sizes: dict[str, np.ndarray]
+    convention: str = DEFAULT_CONVENTION
+    target_tokens: list[str] = field(default_factory=list)
     groups: tuple[str, ...] = GROUPS
-    definitions: dict[str, str] = field(default_factory=lambda: dict(DEFINITIONS))
+    definitions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_convention(self.convention)
+        if not self.definitions:
+            self.definitions = {**DEFINITIONS, "I_l[i,j]": _MAP_DEFINITIONS[self.convention]}
 
     @property
     def n_samples(self) -> int:
@@ -232,6 +269,8 @@ class SaliencyResult:
         return jsonable(
             {
                 "measurement": "saliency",
+                "convention": self.convention,
+                "convention_settings": get_convention(self.convention).to_dict(),
                 "reference": "HiMAP paper §2.2 eq. 1-4 (Fig. 3), §3.1 eq. 5-6 (Fig. 4)",
                 "definitions": self.definitions,
                 "num_layers": self.num_layers,
@@ -243,6 +282,7 @@ class SaliencyResult:
                 "block_sum": self.block_mean,
                 "loss": self.loss,
                 "target_ids": self.target_ids,
+                "target_tokens": self.target_tokens,
                 "group_sizes": self.group_sizes,
                 "per_sample": self.per_sample,
             }
@@ -252,14 +292,15 @@ class SaliencyResult:
 class _SaliencyReducer:
     """Turns one sample's per-layer (A, dL/dA) into the per-layer numbers of :class:`SaliencyResult`."""
 
-    def __init__(self, groups: TokenGroups, num_layers: int, device: torch.device):
+    def __init__(self, groups: TokenGroups, num_layers: int, device: torch.device, convention: str):
         self.groups = groups
+        self.convention = convention
         self.values = {k: np.full(num_layers, np.nan) for k in PER_SAMPLE_KEYS}
         self.blocks = np.full((num_layers, 3, 3), np.nan)
         self.idx = {g: torch.as_tensor(groups[g], dtype=torch.long, device=device) for g in GROUPS}
 
     def __call__(self, layer: int, a: torch.Tensor, grad: torch.Tensor) -> None:
-        sal = saliency_map(a, grad)
+        sal = saliency_map(a, grad, self.convention)
         rows, cols = sal.sum(1), sal.sum(0)
         for g in GROUPS:
             idx = self.idx[g]
@@ -278,6 +319,7 @@ def saliency(
     processor: Any,
     samples: Iterable[Mapping[str, Any]],
     *,
+    convention: str = DEFAULT_CONVENTION,
     progress: Progress | None = None,
 ) -> SaliencyResult:
     """Taylor saliency of every layer's attention, reduced to the paper's group metrics.
@@ -291,6 +333,10 @@ def saliency(
     samples : iterable of mapping
         ``{image, question, answer}`` records (``image``: PIL image, path, or a list of them). The
         records of :func:`himap_vlm.apps.data.synthetic.load_synthetic` / ``read_jsonl`` work directly.
+    convention : {"authors", "paper"}
+        ``"authors"`` (default; the code behind the published figures): ``mean_h |A²·∂L/∂A|`` with
+        target ``tokenizer.convert_tokens_to_ids(answer)``. ``"paper"``: eq. 1,
+        ``mean_h |A·∂L/∂A|``, target the first id of the tokenized answer.
     progress : callable, optional
         Called with ``1`` after every sample.
 
@@ -299,12 +345,24 @@ def saliency(
     SaliencyResult
         Per-sample and per-layer (mean, std) values; see :data:`DEFINITIONS`.
 
+    Raises
+    ------
+    ValueError
+        Before any model run, when a sample has no target token under the convention (``authors``:
+        an answer that is not one vocabulary piece), naming every such sample.
+
     Notes
     -----
     Memory: one sample at a time; during the backward pass only the current layer's map and
     gradient are reduced (the forward pass keeps what autograd keeps anyway).
     """
     records = as_list(samples)
+    conv = get_convention(convention).name
+    for n, record in enumerate(records):
+        if "answer" not in record:
+            raise ValueError(f"sample {n} has no 'answer' field (samples are {{image, question, answer}} records)")
+    target_ids = check_targets(processor, [str(r["answer"]) for r in records], conv)
+    tokenizer = getattr(processor, "tokenizer", processor)
     with AnalysisSession(model, attn_implementation="eager", freeze=True) as session:
         n_layers = session.num_layers
         per_sample = {k: np.full((len(records), n_layers), np.nan) for k in PER_SAMPLE_KEYS}
@@ -314,12 +372,12 @@ def saliency(
         sizes: dict[str, list[int]] = {g: [] for g in ("sys", "img", "ins", "other")}
         for n, record in enumerate(records):
             prep = prepare_sample(session, processor, record)
-            reducer = _SaliencyReducer(prep.groups, n_layers, prep.inputs["input_ids"].device)
-            losses[n] = _taylor_pass(session, prep.inputs, prep.target_id, reducer)
+            reducer = _SaliencyReducer(prep.groups, n_layers, prep.inputs["input_ids"].device, conv)
+            losses[n] = _taylor_pass(session, prep.inputs, target_ids[n], reducer)
             for k in PER_SAMPLE_KEYS:
                 per_sample[k][n] = reducer.values[k]
             blocks[n] = reducer.blocks
-            targets.append(prep.target_id)
+            targets.append(target_ids[n])
             for g, size in prep.groups.sizes.items():
                 sizes[g].append(size)
             if progress is not None:
@@ -331,4 +389,6 @@ def saliency(
         loss=losses,
         target_ids=targets,
         group_sizes={g: np.asarray(v) for g, v in sizes.items()},
+        convention=conv,
+        target_tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(targets)],
     )
