@@ -26,6 +26,9 @@ Release notes that matter here (see ``shared/reference/transformers-v5-notes.md`
   attention modules, mask builders, output field ``cache``);
 * 5.14 added ``layer_idx`` to the mask builders (per-layer cache sizes); before it, a one-layer view
   of the cache (:class:`_OneLayerCache`) gives the builders the pruned layer's own sizes.
+
+Why this module is over 500 lines: it is the contract, kept in one file on purpose so that a
+reviewer checking a new transformers release reads one place; each function is small.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """PruningRun: a method bound to a model — hook lifetime, modes, and the per-layer mechanics.
 
 Why this module is over 500 lines: it is the one state machine of the engine (idle / prefill /
-decode / pass) and every hook reads and writes the same per-forward state; splitting the hooks
-across modules would scatter that state. The pure parts live beside it: slots and layouts in
-:mod:`~himap_vlm.core.engine.layout`, attention rows in :mod:`~himap_vlm.core.engine.scoring`,
-attention edits in :mod:`~himap_vlm.core.engine.edits`, the state in
-:mod:`~himap_vlm.core.engine.state`.
+decode / pass), and every hook reads and writes the same per-forward state; splitting the hooks
+across modules would scatter that state. Everything that is not a hook lives beside it: slots
+and layouts in :mod:`~himap_vlm.core.engine.layout`, applying a drop in
+:mod:`~himap_vlm.core.engine.keep`, attention rows in :mod:`~himap_vlm.core.engine.scoring`,
+attention edits in :mod:`~himap_vlm.core.engine.edits`, the aligned outputs in
+:mod:`~himap_vlm.core.engine.outputs`, the state in :mod:`~himap_vlm.core.engine.state`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,9 @@ from torch import nn
 
 from himap_vlm.core import contract
 from himap_vlm.core.engine import edits, scoring
-from himap_vlm.core.engine.layout import (
-    Layout,
-    dropped_slots,
-    gather_seq,
-    keep_slots,
-    scatter_to_input,
-    shrink,
-)
+from himap_vlm.core.engine.keep import apply_keep, replayed_choice, step_features
+from himap_vlm.core.engine.layout import Layout, gather_seq
+from himap_vlm.core.engine.outputs import align_outputs
 from himap_vlm.core.engine.state import DecodeState, PrefillState, Replay
 from himap_vlm.core.families import LayerMaskContext, ModelFamily, image_block_ids, layer_type, resolve_family
 from himap_vlm.core.interface import AttentionEdit, LayerView, StepInput
@@ -412,57 +408,8 @@ class PruningRun:
         self._finish_prefill_for_decode(st)
         if not st.dropped:  # nothing left the sequence: the model's own outputs are aligned already
             return None
-        return self._align_outputs(st, output)
-
-    def _align_outputs(self, st: PrefillState, output: Any) -> Any:
-        """Scatter what a pruned prefill returns back to input positions (see the class notes)."""
-        hidden = contract.decoder_output_hidden(output)
-        b, s = st.input_ids.shape
-        full = hidden.new_zeros(b, s, hidden.shape[-1])
         norm = getattr(self.decoder, self.family.norm_attr, None)
-        for rows, cols, states in st.dropped:
-            full[rows, cols] = norm(states) if norm is not None else states
-        last = st.layout
-        real = last.valid & last.mask2d
-        rows = torch.arange(b, device=hidden.device)[:, None].expand_as(last.idx)
-        full[rows[real], last.idx[real]] = hidden[real]
-        full = full * st.attn2d[..., None].to(full.dtype)  # padding positions: 0
-        output = contract.with_decoder_output_hidden(output, full)
-        per_layer = getattr(output, "hidden_states", None)
-        if isinstance(per_layer, tuple) and len(per_layer) == self.num_layers + 1:
-            first = per_layer[0]
-            aligned = [first * st.attn2d[..., None].to(first.dtype) if first is not None else None]
-            for i, h in enumerate(per_layer[1:-1]):
-                aligned.append(self._scatter_layer(h, st.layer_layouts[i], st, s) if h is not None else None)
-            aligned.append(full)
-            output.hidden_states = tuple(aligned)
-        attentions = getattr(output, "attentions", None)
-        if isinstance(attentions, tuple) and len(attentions) == self.num_layers:
-            output.attentions = tuple(
-                self._scatter_attention(a, st.layer_layouts[i], s) if isinstance(a, torch.Tensor) else a
-                for i, a in enumerate(attentions)
-            )
-        return output
-
-    @staticmethod
-    def _scatter_layer(h: torch.Tensor, lay: Layout, st: PrefillState, s: int) -> torch.Tensor:
-        if h.shape[1] == s and lay.segment == 0:
-            return h * st.attn2d[..., None].to(h.dtype)
-        real = Layout(idx=lay.idx, valid=lay.valid & lay.mask2d)
-        return scatter_to_input(h, real, s)
-
-    @staticmethod
-    def _scatter_attention(a: torch.Tensor, lay: Layout, s: int) -> torch.Tensor:
-        b, heads, q, k = a.shape
-        if q != lay.idx.shape[1] or k != lay.idx.shape[1]:
-            return a  # not a prefill map of this layout (should not happen)
-        out = a.new_zeros(b, heads, s, s)
-        real = lay.valid & lay.mask2d
-        for i in range(b):
-            pos = lay.idx[i][real[i]]
-            sub = a[i][:, real[i]][:, :, real[i]]
-            out[i, :, pos[:, None], pos[None, :]] = sub
-        return out
+        return align_outputs(st, output, norm, self.num_layers)
 
     def _finish_prefill_for_decode(self, st: PrefillState) -> None:
         cache = st.cache
@@ -506,7 +453,7 @@ class PruningRun:
                 st.cache = cache
         if st.replay is not None:
             if layer_idx in st.replay.drops:
-                hidden = self._apply_keep(layer_idx, hidden, self._replayed(layer_idx, st), "a re-applied selection")
+                hidden = self._apply_keep(layer_idx, hidden, replayed_choice(st, layer_idx), "a re-applied selection")
         else:
             if st.pending_keep is not None and st.pending_keep[0] == layer_idx - 1:
                 hidden = self._apply_keep(layer_idx, hidden, st.pending_keep[1], f"{self.method.name}.on_layer")
@@ -615,7 +562,8 @@ class PruningRun:
                 )
         features = None
         if step.features is not None:
-            features = self._features(step_index, step.features.names, hidden, slots)
+            norm = getattr(self.decoder, self.family.norm_attr)
+            features = step_features(st, step_index, step.features.names, hidden, slots, norm)
         scores = st.scores.pop(step_index, None)
         if step.score is not None and scores is None:
             raise RuntimeError(f"himap internal error: no attention scores for the step at layer {layer_idx}")
@@ -642,86 +590,20 @@ class PruningRun:
             return incoming
         return self._layer_rope(st, st.layout, layer_type(self.text_config, layer_idx), incoming, hidden)
 
-    def _features(self, step_index: int, names: tuple[str, ...], hidden: torch.Tensor, slots: scoring.SlotInfo):
-        """Per sample, the requested features over its real tokens (see :class:`~himap_vlm.core.interface.StepInput`)."""
-        st = self._prefill
-        batched = st.features.pop(step_index, {})
-        if "hidden_normed" in names:
-            norm = getattr(self.decoder, self.family.norm_attr)
-            with torch.no_grad():
-                batched["hidden_normed"] = norm(hidden).float()
-        real = slots.keys_ok
-        out = []
-        for i in range(hidden.shape[0]):
-            sample = {name: batched[name][i][real[i]] for name in names}
-            sample["is_image"] = slots.is_image[i][real[i]]
-            sample["after_image"] = slots.after_image[i][real[i]]
-            out.append(sample)
-        return out
-
-    def _replayed(self, layer_idx: int, st: PrefillState) -> list[torch.Tensor | None]:
-        """Indices into the current image tokens that keep the recorded original positions."""
-        slots = st.slots()
-        chosen: list[torch.Tensor | None] = []
-        for i, kept in enumerate(st.replay.drops[layer_idx]):
-            if kept is None:
-                chosen.append(None)
-                continue
-            present = st.layout.idx[i][slots.is_image[i]]
-            chosen.append(torch.nonzero(torch.isin(present, kept.to(present.device))).flatten())
-        return chosen
-
     def _apply_keep(
         self, layer_idx: int, hidden: torch.Tensor, chosen: list[torch.Tensor | None], source: str
     ) -> torch.Tensor:
-        """Drop image tokens from layer ``layer_idx`` on: the mechanics of every pruning decision.
-
-        Parameters
-        ----------
-        hidden : Tensor, shape (B, L, D)
-            The input of layer ``layer_idx`` in the current layout.
-        chosen : list of (LongTensor or None)
-            Per sample, indices into its image tokens still present (sequence order) to keep;
-            ``None`` keeps them all.
-
-        Returns
-        -------
-        Tensor, shape (B, L', D)
-            The hidden states of the new layout (left fillers where samples keep fewer tokens).
-        """
-        st = self._prefill
-        lay = st.layout
-        slot_is_img = st.is_image.gather(1, lay.idx) & lay.valid
-        kept = []
-        for i in range(lay.idx.shape[0]):
-            try:
-                kept.append(keep_slots(lay.valid[i], slot_is_img[i], chosen[i], source))
-            except ValueError as exc:
-                raise ValueError(f"{exc} for sample {i} at layer {layer_idx}") from None
-        for i, gone in enumerate(dropped_slots(lay, kept)):
-            if gone.numel():
-                st.dropped.append((torch.full_like(gone, i), lay.idx[i, gone], hidden[i, gone].detach().clone()))
-        st.decided.drops[layer_idx] = [
-            None if chosen[i] is None else lay.idx[i][k][slot_is_img[i][k]].cpu() for i, k in enumerate(kept)
-        ]
-        new, rel = shrink(lay, kept, st.attn2d)
-        if self.renumber:
-            new.position_ids = (torch.cumsum(new.mask2d.long(), dim=1) - 1).clamp(min=0)
-            if st.replay is not None and not self.renumber_decode:
-                # generated tokens re-run without a cache keep the positions a cached decode gives
-                # them (the full-length numbering), so the answer equals the cached one
-                full = (torch.cumsum(st.attn2d.long(), dim=1) - 1).clamp(min=0).gather(1, new.idx)
-                new.position_ids = torch.where(new.idx < st.replay.input_ids.shape[1], new.position_ids, full)
-            st.segment_rope_positions[new.segment] = new.position_ids
-        else:
-            new.position_embeddings = gather_seq(st.full_pos_emb, new.idx, -2)
-            new.position_ids = gather_seq(st.full_pos_ids, new.idx, -1)
-        if self._is_flash():
-            new.flash_position_ids = torch.arange(new.idx.shape[1], device=new.idx.device)[None].expand(
-                new.idx.shape[0], -1
-            )
-        st.layout = new
-        return hidden.gather(1, rel[..., None].expand(-1, -1, hidden.shape[-1]))
+        """Drop image tokens from layer ``layer_idx`` on (see :func:`~himap_vlm.core.engine.keep.apply_keep`)."""
+        return apply_keep(
+            self._prefill,
+            layer_idx,
+            hidden,
+            chosen,
+            source,
+            renumber=self.renumber,
+            renumber_decode=self.renumber_decode,
+            flash=self._is_flash(),
+        )
 
     # ------------------------------------------------------------------ attention pre-hooks
     def _make_attn_hook(self, layer_idx: int):
