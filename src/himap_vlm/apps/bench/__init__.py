@@ -14,7 +14,6 @@ from __future__ import annotations
 from himap_vlm.apps.bench.reference_style import (
     ReferenceStyle,
     ReferenceStyleRun,
-    map_scores,
     reference_generate,
 )
 from himap_vlm.apps.bench.runner import (
@@ -45,7 +44,6 @@ __all__ = [
     "cache_nbytes",
     "default_method_args",
     "greedy_generate",
-    "map_scores",
     "measure_peak_memory",
     "measure_run",
     "reference_generate",
