@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -412,3 +417,55 @@ def test_random_llava_config_and_on_device_build():
     with torch.no_grad(), HiMAP(k1=1, r1=0.5, k2=2, r2=0.75)(model) as run:
         model(**inputs)
     assert [c[0] for c in run.image_tokens_per_layer] == [16, 8, 2, 2]
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu.sh
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_script_commands(tmp_path, *flags: str) -> list[list[str]]:
+    """The ``himap`` commands ``benchmarks/gpu.sh --dry-run`` prints (arguments after ``-m himap_vlm``)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("HIMAP_BENCH_SMOKE", None)
+    env.pop("HIMAP_BENCH_ARGS", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path / "gpu"), *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True,
+    )
+    commands = [shlex.split(line[2:]) for line in done.stderr.splitlines() if line.startswith("+ ")]
+    assert commands and all(c[:3] == [sys.executable, "-m", "himap_vlm"] for c in commands), done.stderr
+    assert not (tmp_path / "gpu").exists()  # a dry run writes nothing
+    return [c[3:] for c in commands]
+
+
+def test_gpu_script_full_shape_dry_run(tmp_path):
+    commands = gpu_script_commands(tmp_path)
+    benches = [c for c in commands if c[0] == "bench"]
+    assert [c[c.index("--attn-implementation") + 1] for c in benches] == ["sdpa", "flash_attention_2"]
+    for cmd in benches:
+        opts = dict(zip(cmd[2::2], cmd[3::2], strict=False)) if cmd[1] == "--tiny" else {}
+        assert (opts["--layers"], opts["--hidden"], opts["--heads"], opts["--intermediate"]) == ("32", "4096", "32", "11008")
+        assert (opts["--image-tokens"], opts["--dtype"], opts["--device"]) == ("576", "bfloat16", "cuda")
+        assert opts["--methods"] == "all"  # the registry, not a list in the script
+    assert dict(zip(benches[0][2::2], benches[0][3::2], strict=False))["--reference"] == "all"
+    assert {c[c.index("--convention") + 1] for c in commands if c[0] == "flops"} == {"exact", "paper"}
+
+
+def test_gpu_script_smoke_runs_every_method_and_reference_row(tmp_path, toy_method):
+    """The script's own commands, at its reduced CPU shape, run in this process (no new interpreter)."""
+    from himap_vlm.apps.cli import _load_commands, app
+
+    _load_commands()
+    commands = gpu_script_commands(tmp_path, "--smoke")
+    assert [c[0] for c in commands] == ["flops", "bench"]
+    flops = CliRunner().invoke(app, commands[0])
+    assert flops.exit_code == 0, flops.output
+    assert [r["method"] for r in json.loads(flops.output)["methods"]] == list(METHODS)
+    bench = CliRunner().invoke(app, [*commands[1], "--json"])
+    assert bench.exit_code == 0, bench.output
+    rows = [s["row"] for s in json.loads(bench.output)["runs"][0]["summary"]]
+    static = [n for n in METHODS if n != "dense" and not METHODS[n].dynamic and not METHODS[n]().attention_edits()]
+    assert "toyprune" in static
+    assert rows == [*METHODS, *(f"{n} (reference-style)" for n in static)]
+    out = Path(commands[1][commands[1].index("--out") + 1])
+    assert (out / "bench.json").is_file() and (out / "bench.md").is_file() and (out / "bench.png").is_file()
