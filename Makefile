@@ -28,7 +28,7 @@ demo: env
 generate: env
 	HF_HUB_OFFLINE=1 $(BIN)/himap tiny-model out/tiny-llava
 	HF_HUB_OFFLINE=1 $(BIN)/himap generate --model out/tiny-llava --image out/tiny-llava/example.png \
-		--prompt "What is in the picture?" --method himap --k1 2 --r1 0.5 --k2 4 --r2 0.75 --compare
+		--prompt "What is in the picture?" --method "himap(k1=2,r1=0.5,k2=4,r2=0.75)" --compare
 
 # Train the shipped tiny LLaVA from scratch (about 2 hours on 2 cores; resumable): runs/tiny-llava*
 train-model: env

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +20,18 @@ from himap_vlm.apps.bench import (
     RowSpec,
     Stat,
     build_rows,
-    default_method_args,
     greedy_generate,
     measure_run,
     reference_generate,
     run_benchmark,
 )
 from himap_vlm.apps.flops import Layout, TextDims, kv_cache_bytes, layout_from_inputs
+from himap_vlm.core.interface import PruneStep
 from himap_vlm.core.methods import METHODS, Dense, FastV, HiMAP, RandomPrune
+from himap_vlm.core.methods.base import PruningMethod
+from himap_vlm.core.methods.params import integer
+from himap_vlm.core.methods.params import layer as layer_param
+from himap_vlm.core.methods.registry import _CLASSES, register
 from himap_vlm.models.tiny import build_tiny_llava, example_image
 
 torch.set_num_threads(1)  # 2 shared cores: two threads oversubscribe them and time out of all proportion
@@ -141,23 +151,38 @@ def test_measure_run_kv_bytes_equal_prediction():
 
 
 # ------------------------------------------------------------------------------------ rows and stats
-def test_default_args_and_rows():
-    assert default_method_args("himap", 32) == {"k1": 2, "r1": 0.5, "k2": 8, "r2": 0.75}
-    assert default_method_args("himap", 8)["k2"] == 3
-    assert default_method_args("vtw", 32) == {"k": 16}
-    assert default_method_args("fastv", 6) == {"k": 2, "r": 0.5}
-    rows = build_rows(["himap", "fastv"], 12, {"himap": {"k2": 6}}, reference=["himap"])
-    assert [r.name for r in rows] == ["dense", "himap", "fastv", "himap (reference-style)"]
-    assert rows[1].args["k2"] == 6 and rows[3].style == "reference" and rows[3].args == rows[1].args
+def test_rows_from_the_spec_syntax():
+    rows = build_rows("himap(k2=6),fastv", 12, reference="himap")
+    assert [r.name for r in rows] == ["dense", "himap(k2=6)", "fastv", "himap(k2=6) (reference-style)"]
+    assert rows[1].args == {"k1": 2, "r1": 0.5, "k2": 6, "r2": 0.75, "swap_criteria": False}
+    assert rows[3].style == "reference" and rows[3].args == rows[1].args
     assert isinstance(rows[3].build(), ReferenceStyle)
+    # bare names take the method's own defaults for the depth (no table in the bench)
+    for name in ("himap", "fastv", "vtw", "random"):
+        row = build_rows(name, 32)[1]
+        assert row.args == {**row.args, **METHODS[name].defaults_for(32)}, name
+    assert build_rows("himap", 8)[1].args["k2"] == 3 and build_rows("vtw", 32)[1].args == {"k": 16}
+    # the same method twice, each with its own reference row when named bare
+    rows = build_rows(["dense", "himap", "himap(r2=0.5)"], 12, reference=["himap"])
+    assert [r.name for r in rows][-2:] == ["himap (reference-style)", "himap(r2=0.5) (reference-style)"]
+    # "all": every registered method; reference "all": every static one without attention edits
+    rows = build_rows("all", 12, reference="all")
+    engine = [r.method for r in rows if r.style == "engine"]
+    assert engine == list(METHODS)
+    refs = {r.method for r in rows if r.style == "reference"}
+    assert refs == {n for n in METHODS if n != "dense" and not METHODS[n].dynamic and not METHODS[n]().attention_edits()}
     with pytest.raises(ValueError, match="not in the methods"):
-        build_rows(["himap"], 12, {"fastv": {"k": 3}})
+        build_rows("himap", 12, reference="fastv")
     with pytest.raises(ValueError, match="not in the methods"):
-        build_rows(["himap"], 12, reference=["fastv"])
+        build_rows("himap(k2=4)", 12, reference="himap(k2=5)")
+    with pytest.raises(ValueError, match="static methods"):
+        build_rows("visipruner", 12, reference="visipruner")
     with pytest.raises(ValueError, match="out of range"):
-        build_rows(["fastv"], 4, {"fastv": {"k": 9}})
+        build_rows("fastv(k=9)", 4)
     with pytest.raises(ValueError, match="unknown method"):
-        build_rows(["nope"], 4)
+        build_rows("nope", 4)
+    with pytest.raises(ValueError, match="does not take"):
+        build_rows("fastv(k1=2)", 4)
 
 
 def test_stat():
@@ -171,7 +196,7 @@ def test_stat():
 def test_run_benchmark_structure():
     model, proc = tiny()
     samples = [inputs_for(proc, 0), inputs_for(proc, 1, "<image> describe the image")]
-    rows = build_rows(["himap", "vtw"], 6, reference=["himap"])
+    rows = build_rows("himap,vtw", 6, reference="himap")
     ticks = []
     result = run_benchmark(model, samples, rows, repeats=2, warmup=1, max_new_tokens=2, progress=ticks.append)
     n_rows = len(rows)
@@ -264,9 +289,7 @@ def test_cli_tiny_writes_json_and_png(tmp_path):
             "--image-tokens",
             "16",
             "--methods",
-            "himap,fastv",
-            "--method-arg",
-            "himap.k2=3",
+            "himap(k2=3),fastv",
             "--reference",
             "fastv",
             "--out",
@@ -278,7 +301,7 @@ def test_cli_tiny_writes_json_and_png(tmp_path):
     printed = json.loads(result.output)
     assert [s["row"] for s in printed["runs"][0]["summary"]] == [
         "dense",
-        "himap",
+        "himap(k2=3)",
         "fastv",
         "fastv (reference-style)",
     ]
@@ -309,12 +332,140 @@ def test_cli_sweep_and_table(tmp_path):
         (["--tiny", "--model", "m", "--out", "x"], "either --model"),
         (["--model", "/nonexistent", "--sweep", "16", "--out", "x"], "use it with --tiny"),
         (["--tiny", "--sweep", "15", "--out", "x"], "squares"),
-        (["--tiny", "--methods", "nope", "--out", "x"], "unknown method"),
-        (["--tiny", "--method-arg", "k1=2", "--out", "x"], "METHOD.KEY=VALUE"),
+        (["--tiny", "--methods", "nope", "--out", "x"], "--methods nope: unknown method 'nope'; known methods: dense"),
+        (["--tiny", "--methods", "fastv(k=9)", "--out", "x"], "fastv: k=9 is out of range for this model: it has 8"),
+        (["--tiny", "--methods", "fastv(k1=2)", "--out", "x"], "method 'fastv' does not take 'k1'"),
+        (["--tiny", "--methods", "himap,fastv(", "--out", "x"], "missing ')'"),
         (["--tiny", "--reference", "fastv", "--methods", "himap", "--out", "x"], "not in the methods"),
+        (["--tiny", "--reference", "visipruner", "--methods", "visipruner", "--out", "x"], "static methods"),
+        (["--model", "/nonexistent/model", "--out", "x"], "model path '/nonexistent/model' does not exist"),
+        (["--model", "smol_llava_missing", "--out", "x"], "does not exist"),
+        (["--tiny", "--dtype", "float8", "--out", "x"], "--dtype must be one of"),
     ],
 )
 def test_cli_errors(args, message):
     result = invoke(args)
     assert result.exit_code == 2
     assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_cli_method_arg_is_gone():
+    result = invoke(["--tiny", "--method-arg", "himap.k1=2", "--out", "x"])
+    assert result.exit_code == 2 and "No such option: --method-arg" in result.output
+
+
+# ------------------------------------------------------------------------------------ the registry drives it
+@pytest.fixture
+def toy_method():
+    """A method registered from outside the package, removed from the registry afterwards."""
+
+    @register("toyprune")
+    @dataclass(frozen=True)
+    class ToyPrune(PruningMethod):
+        k: int = layer_param(1, doc="pruning layer")
+        keep: int = integer(3, minimum=0, doc="image tokens kept")
+
+        @classmethod
+        def defaults_for(cls, num_layers: int) -> dict:
+            return {"k": max(1, num_layers // 2), "keep": 3}
+
+        def steps(self) -> list[PruneStep]:
+            return [PruneStep(self.k)]
+
+        def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+            return min(num_image, self.keep)
+
+        def select(self, x):
+            return torch.arange(min(x.num_image, self.keep))
+
+    yield ToyPrune
+    _CLASSES.pop("toyprune", None)
+
+
+def test_a_registered_method_appears_in_bench_without_edits(toy_method, tmp_path):
+    rows = build_rows("all", 6, reference="all")
+    assert ("toyprune", "engine") in {(r.method, r.style) for r in rows}
+    assert ("toyprune", "reference") in {(r.method, r.style) for r in rows}
+    assert next(r for r in rows if r.method == "toyprune").args == {"k": 3, "keep": 3}
+    # the default method list is the registry
+    result = invoke([*TINY, *FAST, "--no-memory", "--max-new-tokens", "1", "--image-tokens", "16",
+                     "--reference", "toyprune", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = {s["row"]: s for s in json.loads(result.output)["runs"][0]["summary"]}
+    assert list(summary) == [*METHODS, "toyprune (reference-style)"]
+    assert summary["toyprune"]["image_tokens_per_layer"] == [16, 16, 3, 3]  # 4 layers: k = 2
+    assert summary["toyprune (reference-style)"]["image_tokens_per_layer"] == [16, 16, 3, 3]
+
+
+# ------------------------------------------------------------------------------------ models on the device
+def test_random_llava_config_and_on_device_build():
+    from himap_vlm.apps.bench.models import build_random_llava, random_llava_config
+    from himap_vlm.models.tiny import TinyLlavaSpec
+
+    for spec in (TinyLlavaSpec(num_layers=3, image_size=16), TinyLlavaSpec(backbone="qwen2", num_kv_heads=2)):
+        model, _ = build_tiny_llava(spec)
+        assert random_llava_config(spec).to_dict() == model.config.to_dict()
+    spec = TinyLlavaSpec(num_layers=4, image_size=16)
+    cpu, _ = build_random_llava(spec, "cpu", torch.bfloat16)  # the CPU path: build_tiny_llava's weights
+    assert next(cpu.parameters()).dtype == torch.bfloat16
+    model, proc = build_random_llava(spec, "cpu", torch.bfloat16, on_device=True)  # the GPU path, on the CPU
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cpu.parameters())
+    inputs = inputs_for(proc, prompt=PROMPT)
+    with torch.no_grad(), HiMAP(k1=1, r1=0.5, k2=2, r2=0.75)(model) as run:
+        model(**inputs)
+    assert [c[0] for c in run.image_tokens_per_layer] == [16, 8, 2, 2]
+
+
+# ------------------------------------------------------------------------------------ benchmarks/gpu.sh
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_script_commands(tmp_path, *flags: str) -> list[list[str]]:
+    """The ``himap`` commands ``benchmarks/gpu.sh --dry-run`` prints (arguments after ``-m himap_vlm``)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("HIMAP_BENCH_SMOKE", None)
+    env.pop("HIMAP_BENCH_ARGS", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path / "gpu"), *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True,
+    )
+    commands = [shlex.split(line[2:]) for line in done.stderr.splitlines() if line.startswith("+ ")]
+    assert commands and all(c[:3] == [sys.executable, "-m", "himap_vlm"] for c in commands), done.stderr
+    assert not (tmp_path / "gpu").exists()  # a dry run writes nothing
+    return [c[3:] for c in commands]
+
+
+def test_gpu_script_full_shape_dry_run(tmp_path):
+    commands = gpu_script_commands(tmp_path)
+    benches = [c for c in commands if c[0] == "bench"]
+    assert [c[c.index("--attn-implementation") + 1] for c in benches] == ["sdpa", "flash_attention_2"]
+    for cmd in benches:
+        opts = dict(zip(cmd[2::2], cmd[3::2], strict=False)) if cmd[1] == "--tiny" else {}
+        assert (opts["--layers"], opts["--hidden"], opts["--heads"], opts["--intermediate"]) == ("32", "4096", "32", "11008")
+        assert (opts["--image-tokens"], opts["--dtype"], opts["--device"]) == ("576", "bfloat16", "cuda")
+        assert opts["--methods"] == "all"  # the registry, not a list in the script
+    assert dict(zip(benches[0][2::2], benches[0][3::2], strict=False))["--reference"] == "all"
+    assert {c[c.index("--convention") + 1] for c in commands if c[0] == "flops"} == {"exact", "paper"}
+
+
+def test_gpu_script_smoke_runs_every_method_and_reference_row(tmp_path, toy_method):
+    """The script's own commands, at its reduced CPU shape, run in this process (no new interpreter)."""
+    from himap_vlm.apps.cli import _load_commands, app
+
+    _load_commands()
+    commands = gpu_script_commands(tmp_path, "--smoke")
+    assert [c[0] for c in commands] == ["flops", "bench"]
+    flops = CliRunner().invoke(app, commands[0])
+    assert flops.exit_code == 0, flops.output
+    assert [r["method"] for r in json.loads(flops.output)["methods"]] == list(METHODS)
+    bench = CliRunner().invoke(app, [*commands[1], "--json"])
+    assert bench.exit_code == 0, bench.output
+    rows = [s["row"] for s in json.loads(bench.output)["runs"][0]["summary"]]
+    static = [n for n in METHODS if n != "dense" and not METHODS[n].dynamic and not METHODS[n]().attention_edits()]
+    assert "toyprune" in static
+    assert rows == [*METHODS, *(f"{n} (reference-style)" for n in static)]
+    out = Path(commands[1][commands[1].index("--out") + 1])
+    assert (out / "bench.json").is_file() and (out / "bench.md").is_file() and (out / "bench.png").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from importlib import resources
 
 import pytest
@@ -27,13 +28,24 @@ from himap_vlm.apps.flops import (
     list_presets,
     paper_layer_flops,
     prefill_flops,
-    schedule_for,
 )
 from himap_vlm.core import contract
+from himap_vlm.core.interface import PruneStep
+from himap_vlm.core.methods import get_method, method_names
+from himap_vlm.core.methods.base import PruningMethod
+from himap_vlm.core.methods.params import integer
+from himap_vlm.core.methods.params import layer as layer_param
+from himap_vlm.core.methods.registry import _ALIASES, _CLASSES, register
+from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError
 
 torch.set_num_threads(1)
 
 LLAVA = Layout(35, 576, 60)
+
+
+def schedule(text: str, n_image: int = 576, num_layers: int = 32) -> list[int] | None:
+    """A configuration's per-layer image tokens, read from the method itself (no table here)."""
+    return MethodSpec.parse(text, num_layers=num_layers).build().image_tokens_schedule(n_image, num_layers)
 
 
 def trunc2(x: float) -> float:
@@ -89,7 +101,7 @@ def test_paper_llava_7b_dense(dims7b):
 
 
 def test_paper_llava_7b_himap(dims7b):
-    counts = schedule_for("himap", 576, 32, k1=2, r1=0.5, k2=8, r2=0.75)
+    counts = schedule("himap(k1=2,r1=0.5,k2=8,r2=0.75)")
     assert counts == [576] * 2 + [288] * 6 + [72] * 24
     report = prefill_flops(dims7b, LLAVA, counts, convention="paper")
     assert report.tflops == pytest.approx(0.735308, abs=1e-6)
@@ -99,7 +111,7 @@ def test_paper_llava_7b_himap(dims7b):
 
 
 def test_paper_llava_7b_fastv(dims7b):
-    counts = schedule_for("fastv", 576, 32, k=2, r=0.5)
+    counts = schedule("fastv(k=2,r=0.5)")
     assert counts == [576] * 2 + [288] * 30
     report = prefill_flops(dims7b, LLAVA, counts, convention="paper")
     assert report.tflops == pytest.approx(1.565969, abs=1e-6)
@@ -107,7 +119,7 @@ def test_paper_llava_7b_fastv(dims7b):
     # The issue quotes "54 %" next to 1.56 TFLOPs, but 1.56 / 2.98 is 52.4 % under the same formula:
     # 54.0 % is what K=3 gives (1.61 TFLOPs). The TFLOPs figure is the one that reproduces.
     assert report.ratio == pytest.approx(0.5244, abs=1e-4)
-    k3 = prefill_flops(dims7b, LLAVA, schedule_for("fastv", 576, 32, k=3, r=0.5), convention="paper")
+    k3 = prefill_flops(dims7b, LLAVA, schedule("fastv(k=3,r=0.5)"), convention="paper")
     assert round(100 * k3.ratio) == 54 and trunc2(k3.tflops) == 1.61
 
 
@@ -130,26 +142,65 @@ def test_paper_ignores_text_tokens(dims7b):
 
 def test_keep_count_and_schedules():
     assert keep_count(576, 0.5) == 288 and keep_count(288, 0.75) == 72 and keep_count(5, 0.5) == 2
-    assert schedule_for("dense", 10, 3) == [10, 10, 10]
-    assert schedule_for("vtw", 10, 4, k=2) == [10, 10, 0, 0]
-    assert schedule_for("random", 10, 3, k=1, r=0.5, seed=3) == [10, 5, 5]
-    assert schedule_for("RandomPrune", 10, 3, k=1, r=0.5) == [10, 5, 5]
+    assert schedule("dense", 10, 3) == [10, 10, 10]
+    assert schedule("vtw(k=2)", 10, 4) == [10, 10, 0, 0]
+    assert schedule("random(k=1,r=0.5,seed=3)", 10, 3) == [10, 5, 5]
+    assert schedule("RandomPrune(k=1,r=0.5)", 10, 3) == [10, 5, 5]
+    # bare names: the method's defaults for the depth (HiMAP K2 = L // 4, VTW K = L // 2)
+    assert schedule("himap") == [576] * 2 + [288] * 6 + [72] * 24
+    assert schedule("vtw") == [576] * 16 + [0] * 16
+    assert schedule("himap", 16, 12) == [16, 16, 8] + [2] * 9  # K2 = max(3, 12 // 4)
+    assert schedule("visipruner") is None  # input-dependent: measured counts only
 
 
-def test_schedules_match_method_classes():
-    methods = pytest.importorskip("himap_vlm.core.methods")
-    get_method = getattr(methods, "get_method", None)
-    if get_method is None:
-        pytest.skip("himap_vlm.core.methods.get_method not available yet")
-    cases = [
-        ("dense", {}),
-        ("himap", dict(k1=2, r1=0.5, k2=8, r2=0.75)),
-        ("fastv", dict(k=3, r=0.3)),
-        ("random", dict(k=2, r=0.5)),
-    ]
-    for name, params in cases:
-        expected = get_method(name)(**params).image_tokens_schedule(576, 32)
-        assert schedule_for(name, 576, 32, **params) == expected, name
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        # configurations the deleted per-method copy (schedule_for) accepted but the methods refuse
+        ("himap(k1=4,k2=4)", "k2=4 must be greater than k1=4"),
+        ("fastv(k=0)", "k=0 is out of range"),
+        ("himap(k1=9,k2=8)", "k2"),
+        ("fastv(r=1.5)", "r=1.5 is out of range"),
+        ("fastv(k=33)", "out of range for this model"),
+        ("fastv(k1=2)", "does not take 'k1'"),
+        ("magic", "unknown method"),
+        ("himap(k1=2", "invalid method configuration"),
+    ],
+)
+def test_schedule_errors(text, match):
+    with pytest.raises(MethodSpecError, match=match):
+        schedule(text)
+
+
+@pytest.fixture(scope="module")
+def tiny6():
+    from himap_vlm.models.tiny import build_tiny_llava, example_image
+
+    model, processor = build_tiny_llava(num_layers=6, num_heads=4, num_kv_heads=2, image_size=16)
+    inputs = processor(
+        images=[example_image(16)], text="user : <image> what is in the picture ? assistant :", return_tensors="pt"
+    )
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_registered_schedule_agrees_with_the_engine(name, tiny6):
+    """Schedule and method agree for every registered method: what flops counts is what the engine keeps."""
+    model, inputs = tiny6
+    cls = get_method(name)
+    for params in [cls.defaults_for(6), *cls.budgets(6)]:
+        try:
+            method = cls(**params)
+            method.validate_for_model(6)
+        except ValueError:
+            continue  # a budget that does not fit 6 layers
+        predicted = method.image_tokens_schedule(16, 6)
+        if cls.dynamic:
+            assert predicted is None
+            continue
+        with torch.no_grad(), method(model) as run:
+            model(**inputs)
+        assert predicted == [c[0] for c in run.image_tokens_per_layer], (name, params)
 
 
 # ------------------------------------------------------------------------------------ exact vs torch
@@ -283,7 +334,7 @@ def test_kv_bytes_match_dynamic_cache():
 
 def test_kv_bytes_pruned_and_batched(dims7b):
     per_token = 2 * 32 * 128 * 2  # K and V, 32 KV heads of 128, fp16
-    counts = schedule_for("fastv", 576, 32)
+    counts = schedule("fastv")
     kv = kv_cache_bytes(dims7b, LLAVA, counts)
     assert kv[0] == per_token * 671 and kv[5] == per_token * (95 + 288)
     batched = [[c, c // 2] for c in counts]
@@ -354,7 +405,7 @@ def test_layout_from_inputs_and_flops_ratio_for_run():
 
 
 def test_batched_counts_reduce(dims7b):
-    a, b = schedule_for("fastv", 576, 32), schedule_for("himap", 576, 32)
+    a, b = schedule("fastv"), schedule("himap")
     batched = [[x, y] for x, y in zip(a, b, strict=True)]
     ra = prefill_flops(dims7b, LLAVA, a, "paper")
     rb = prefill_flops(dims7b, LLAVA, b, "paper")
@@ -449,17 +500,20 @@ def test_config_inputs(tmp_path):
         (lambda d: Layout.parse("35,576"), "before,image,after"),
         (lambda d: TextDims.from_config("llava-9b"), "unknown preset"),
         (lambda d: TextDims.from_config({"hidden_size": 4}), "lacks"),
-        (lambda d: schedule_for("himap", 576, 32, k1=9, k2=8), "k2"),
-        (lambda d: schedule_for("fastv", 576, 32, r=1.5), "r must"),
-        (lambda d: schedule_for("fastv", 576, 32, k=33), "k must"),
-        (lambda d: schedule_for("fastv", 576, 32, k1=2), "no parameter k1"),
-        (lambda d: schedule_for("visipruner", 576, 32), "measured"),
-        (lambda d: schedule_for("magic", 576, 32), "unknown method"),
     ],
 )
 def test_value_errors(dims7b, call, match):
     with pytest.raises(ValueError, match=match):
         call(dims7b)
+
+
+def test_module_docstring_example_holds():
+    import doctest
+
+    import himap_vlm.apps.flops as flops
+
+    result = doctest.testmod(flops)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -475,21 +529,8 @@ def invoke(args: list[str]):
 
 
 def test_cli_json_paper_himap():
-    args = [
-        "--preset",
-        "llava-1.5-7b",
-        "--method",
-        "himap",
-        "--k1",
-        "2",
-        "--r1",
-        "0.5",
-        "--k2",
-        "8",
-        "--r2",
-        "0.75",
-    ]
-    result = invoke([*args, "--convention", "paper", "--json"])
+    spec = ["--preset", "llava-1.5-7b", "--method", "himap(k1=2,r1=0.5,k2=8,r2=0.75)"]
+    result = invoke([*spec, "--convention", "paper", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert {
@@ -502,6 +543,15 @@ def test_cli_json_paper_himap():
     } <= set(data)
     assert trunc2(data["tflops_dense"]) == 2.98 and trunc2(data["tflops"]) == 0.73
     assert data["convention"] == "paper" and data["image_tokens_per_layer"][-1] == 72
+    assert data["method_params"] == {"k1": 2, "r1": 0.5, "k2": 8, "r2": 0.75, "swap_criteria": False}
+    # the same through a bare name (defaults for 32 layers) and through --method-arg
+    bare = json.loads(invoke(["--preset", "llava-1.5-7b", "--method", "himap", "--convention", "paper", "--json"]).output)
+    assert bare["image_tokens_per_layer"] == data["image_tokens_per_layer"]
+    args = ["--preset", "llava-1.5-7b", "--method", "himap(k1=2)", "--method-arg", "k2=8", "--method-arg", "r2=0.75"]
+    via_args = json.loads(invoke([*args, "--convention", "paper", "--json"]).output)
+    assert via_args["tflops"] == data["tflops"]
+    fastv = json.loads(invoke(["--preset", "llava-1.5-7b", "--method", "fastv(k=3)", "--json"]).output)
+    assert fastv["image_tokens_per_layer"] == [576] * 3 + [288] * 29
 
 
 def test_cli_counts_file_and_table(tmp_path):
@@ -515,9 +565,97 @@ def test_cli_counts_file_and_table(tmp_path):
     )
     assert table.exit_code == 0, table.output
     assert "TFLOPs" in table.output and "per decoder layer" in table.output
+    measured = invoke(["--preset", "llava-1.5-7b", "--method", "visipruner", "--counts", str(counts), "--json"])
+    assert measured.exit_code == 0 and json.loads(measured.output)["method"] == "visipruner"
+
+
+def test_cli_named_model_config():
+    from himap_vlm.assets import has_tiny_llava
+
+    if not has_tiny_llava():
+        pytest.skip("this build does not ship the tiny LLaVA")
+    result = invoke(["--config", "tiny-llava", "--method", "vtw", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["image_tokens_per_layer"][-1] == 0 and data["num_layers"] == len(data["image_tokens_per_layer"])
 
 
 def test_cli_errors():
     assert invoke(["--preset", "llava-1.5-9b", "--json"]).exit_code != 0
     bad = invoke(["--preset", "llava-1.5-7b", "--counts", "1,2,3"])
     assert bad.exit_code != 0 and "has 3 entries" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "fastv(k=40)"], "k=40 is out of range for this model: it has 32 decoder layers"),
+        (["--method", "himap(k1=4,k2=4)"], "k2=4 must be greater than k1=4"),
+        (["--method", "fastv(k1=2)"], "method 'fastv' does not take 'k1'"),
+        (["--method", "magic"], "unknown method 'magic'; known methods: dense"),
+        (["--method", "himap(k1=2"], "write NAME or NAME(KEY=VALUE,...)"),
+        (["--method", "fastv", "--method-arg", "=3"], "--method-arg expects KEY=VALUE"),
+        (["--method", "fastv", "--method-arg", "k"], "--method-arg expects KEY=VALUE"),
+        (["--method", "fastv(k=2)", "--method-arg", "k=3"], "parameter 'k' given twice"),
+        (["--method", "visipruner"], "input-dependent number of image tokens; run it and pass"),
+        (["--method", "himap(k1=2)", "--counts", "1,2"], "--counts replaces the method's schedule"),
+        (["--methods", "dense,fastv(k=99)"], "--methods dense,fastv(k=99): fastv: k=99 is out of range"),
+        (["--methods", "all", "--method", "fastv"], "--methods compares method schedules"),
+    ],
+)
+def test_cli_spec_errors_are_one_line(args, message):
+    result = invoke(["--preset", "llava-1.5-7b", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------ the registry drives it
+
+
+@pytest.fixture
+def toy_method():
+    """A method registered from outside the package, removed from the registry afterwards."""
+
+    @register("toyprune", aliases=("toy_prune",))
+    @dataclass(frozen=True)
+    class ToyPrune(PruningMethod):
+        k: int = layer_param(1, doc="pruning layer")
+        keep: int = integer(3, minimum=0, doc="image tokens kept")
+
+        @classmethod
+        def defaults_for(cls, num_layers: int) -> dict:
+            return {"k": max(1, num_layers // 2), "keep": 3}
+
+        def steps(self) -> list[PruneStep]:
+            return [PruneStep(self.k)]
+
+        def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+            return min(num_image, self.keep)
+
+        def select(self, x):
+            return torch.arange(min(x.num_image, self.keep))
+
+    yield ToyPrune
+    _CLASSES.pop("toyprune", None)
+    _ALIASES.pop("toy_prune", None)
+
+
+def test_a_registered_method_appears_in_flops_without_edits(toy_method):
+    assert "toyprune" in method_names()
+    one = invoke(["--preset", "llava-1.5-7b", "--method", "toy_prune", "--json"])
+    assert one.exit_code == 0, one.output
+    data = json.loads(one.output)
+    assert data["image_tokens_per_layer"] == [576] * 16 + [3] * 16  # defaults_for(32): k = 16
+    assert data["spec"] == "toyprune(k=16,keep=3)"
+    many = invoke(["--preset", "llava-1.5-7b", "--methods", "all", "--json"])
+    assert many.exit_code == 0, many.output
+    rows = {r["method"]: r for r in json.loads(many.output)["methods"]}
+    assert list(rows) == method_names() and rows["toyprune"]["image_tokens_per_layer"][-1] == 3
+    assert rows["visipruner"]["schedule_source"] is None and "--counts" in rows["visipruner"]["note"]
+    for name, row in rows.items():
+        if row["schedule_source"] is not None:
+            assert row["image_tokens_per_layer"] == get_method(name).for_depth(32).image_tokens_schedule(576, 32)
+    table = invoke(["--preset", "llava-1.5-7b", "--methods", "dense,toyprune(keep=10),fastv"])
+    assert table.exit_code == 0, table.output
+    assert "toyprune(k=16,keep=10)" in table.output and "input-dependent" not in table.output

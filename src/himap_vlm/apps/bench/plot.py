@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from himap_vlm.apps.bench.runner import BenchResult
+from himap_vlm.apps.bench.summary import BenchResult
 
 __all__ = ["as_dicts", "plot_speedup"]
 

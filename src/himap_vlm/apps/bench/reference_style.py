@@ -21,7 +21,11 @@ reproduced:
   (its ``attn_weights`` output); no cache, re-pruning at every generated token
   (:func:`reference_generate`);
 * shared with our engine: the mechanics of dropping tokens (gathering hidden states, RoPE
-  positions and masks), which cost little next to the attention itself. The vendored code
+  positions and masks), which cost little next to the attention itself, and the definition of
+  the scores: which query rows a step reads and how they are reduced are the engine's
+  (:func:`~himap_vlm.core.engine.scoring.scores_from_map` on the engine's own
+  :class:`~himap_vlm.core.engine.scoring.SlotInfo` of the layout being processed), only the
+  attention probabilities come from the materialised map. The vendored code
   slices tensors in its decoder loop; we reuse the engine's hooks, so the row isolates the
   three choices above, not the authors' exact Python;
 * batch size 1 only, like the reference code.
@@ -29,8 +33,7 @@ reproduced:
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,42 +42,34 @@ from torch import nn
 from himap_vlm.core import contract
 from himap_vlm.core.engine import PruningRun
 from himap_vlm.core.engine.scoring import SlotInfo, scores_from_map
-from himap_vlm.core.interface import PruneStep, ScoreRequest, StepInput
+from himap_vlm.core.interface import PruneStep, StepInput
 from himap_vlm.core.methods.base import PruningMethod
 
-__all__ = ["ReferenceStyle", "ReferenceStyleRun", "map_scores", "reference_generate"]
-
-
-@dataclass
-class _RefState:
-    """Per-prefill bookkeeping of the wrapper (batch size 1)."""
-
-    is_image: torch.Tensor  # (S,) bool, over the input
-    real: torch.Tensor  # (S,) bool: not padding
-    positions: torch.Tensor  # (L,) original indices of the tokens the current layers process
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (H, L, L) float32
+__all__ = ["ReferenceStyle", "ReferenceStyleRun", "reference_generate"]
 
 
 @dataclass(frozen=True)
 class ReferenceStyle(PruningMethod):
     """Run ``method`` the way the authors' code did (see the module docstring).
 
-    The wrapped method decides which tokens to keep from scores computed on the *materialised*
-    attention map of layer K-1 (eager kernel), instead of the rows our engine recomputes.
+    The wrapped method decides which tokens to keep from scores read off the *materialised*
+    attention map of layer K-1 (eager kernel) instead of the rows our engine recomputes; the
+    query rows and their reduction are the engine's own
+    (:func:`~himap_vlm.core.engine.scoring.scores_from_map` on the engine's
+    :class:`~himap_vlm.core.engine.scoring.SlotInfo`), so both rank tokens by one definition.
     ``with ReferenceStyle(method)(model) as run`` switches the whole model to eager attention
     for the duration of the block and restores the previous implementation afterwards.
 
     Parameters
     ----------
-    method : PruningMethod
-        A static method (HiMAP, FastV, RandomPrune, VTW, Dense): not dynamic, without attention
-        edits.
+    inner : PruningMethod
+        A static method (HiMAP, FastV, RandomPrune, VTW, Dense, ...): not dynamic, without
+        attention edits, scoring (if at all) with the attention of the layer before each step.
 
     Raises
     ------
     ValueError
-        For a dynamic method or one with attention edits (the reference-style runner has no
-        counterpart for them).
+        For a method the reference-style runner has no counterpart for.
     """
 
     inner: PruningMethod
@@ -89,7 +84,11 @@ class ReferenceStyle(PruningMethod):
             raise ValueError(
                 f"ReferenceStyle supports static methods without attention edits; {method.name} is not one"
             )
-        object.__setattr__(self, "_requests", [s.score for s in method.steps()])
+        if any(s.score is not None and s.score.layer != "previous" for s in method.steps()):
+            raise ValueError(
+                f"ReferenceStyle reads the attention map of the layer before each step; {method.name} scores "
+                "with the pruning layer's own attention"
+            )
         object.__setattr__(self, "_run", None)
 
     @property
@@ -97,8 +96,8 @@ class ReferenceStyle(PruningMethod):
         return self.inner.config
 
     def steps(self) -> list[PruneStep]:
-        """The wrapped method's steps, with no score request: the engine computes no scores."""
-        return [PruneStep(s.layer, None) for s in self.inner.steps()]
+        """The wrapped method's steps without their score requests: the engine computes no scores."""
+        return [replace(s, score=None) for s in self.inner.steps()]
 
     def score_layers(self) -> dict[int, int]:
         """Layer whose attention map each scoring step reads -> step index."""
@@ -115,25 +114,17 @@ class ReferenceStyle(PruningMethod):
 
     def select(self, x: StepInput) -> torch.Tensor:
         run = self._run
-        if run is None or run.state is None:
+        if run is None:
             raise RuntimeError("ReferenceStyle.select called outside a reference-style prefill")
-        st = run.state
-        pos = st.positions
-        slot_img = st.is_image[pos]
-        request = self._requests[x.step]
-        ref_scores = None
+        request = self.inner.steps()[x.step].score
+        scores = None
         if request is not None:
-            ref_scores = map_scores(st.maps.pop(x.step), request, pos, st.is_image, st.real)
-            if ref_scores.numel() != x.num_image:
-                raise RuntimeError(  # pragma: no cover - the engine and the wrapper disagree
-                    f"reference-style: {ref_scores.numel()} scored image tokens, the engine has {x.num_image}"
+            scores = scores_from_map(run.pop_map(x.step), request, run.current_slots())[0]
+            if scores.numel() != x.num_image:
+                raise RuntimeError(  # pragma: no cover - the map and the engine's layout disagree
+                    f"reference-style: {scores.numel()} scored image tokens, the engine has {x.num_image}"
                 )
-        keep = torch.as_tensor(self.inner.select(dataclasses.replace(x, scores=ref_scores))).long().flatten()
-        img_slots = torch.nonzero(slot_img).flatten()
-        other = torch.nonzero(~slot_img).flatten()
-        slots = torch.sort(torch.cat([other, img_slots[torch.unique(keep)]])).values
-        st.positions = pos[slots]
-        return keep
+        return self.inner.select(replace(x, scores=scores))
 
     def __call__(self, model: nn.Module, *, selection: str = "every_forward") -> ReferenceStyleRun:
         return ReferenceStyleRun(model, self)
@@ -142,49 +133,13 @@ class ReferenceStyle(PruningMethod):
         return f"ReferenceStyle({self.inner!r})"
 
 
-def map_scores(
-    attn: torch.Tensor,
-    request: ScoreRequest,
-    positions: torch.Tensor,
-    is_image: torch.Tensor,
-    real: torch.Tensor,
-) -> torch.Tensor:
-    """Scores of the image tokens present, read from a materialised attention map.
-
-    Parameters
-    ----------
-    attn : Tensor, shape (H, L, L)
-        Post-softmax attention of the scoring layer (current layout).
-    request : ScoreRequest
-        Which query rows, and how they are reduced (as in the engine).
-    positions : LongTensor, shape (L,)
-        Original input index of every slot of the current layout.
-    is_image, real : BoolTensor, shape (S,)
-        Over the input: image tokens; non-padding tokens.
-
-    Returns
-    -------
-    Tensor, shape (image tokens present,)
-        float32, in sequence order.
-    """
-    slot_real = real[positions]
-    img_orig = torch.nonzero(is_image).flatten()
-    last = int(img_orig.max()) if img_orig.numel() else -1
-    slots = SlotInfo(
-        keys_ok=slot_real[None],
-        is_image=is_image[positions][None],
-        after_image=((positions > last) & slot_real)[None],
-        positions=positions[None],
-    )
-    return scores_from_map(attn[None], request, slots)[0]
-
-
 class ReferenceStyleRun(PruningRun):
     """:class:`~himap_vlm.core.engine.PruningRun` of a :class:`ReferenceStyle` method.
 
-    On top of the engine's hooks it switches the model to eager attention, captures the
-    attention maps of the scoring layers (forward hooks on their attention modules) and tracks
-    which input tokens each layer processes, so that the wrapper can score from the maps.
+    On top of the engine's hooks it switches the model to eager attention and captures the
+    attention maps of the scoring layers (forward hooks on their attention modules). Which
+    tokens each layer processes, and which of them are image or instruction tokens, is the
+    engine's own layout (:meth:`current_slots`).
     """
 
     method: ReferenceStyle
@@ -192,10 +147,7 @@ class ReferenceStyleRun(PruningRun):
     def __init__(self, model: nn.Module, method: ReferenceStyle):
         # the authors generated without a cache and chose the kept tokens again at every step
         super().__init__(model, method, selection="every_forward")
-        self.state: _RefState | None = None
-        self._ids: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._prefill_now = False
+        self._maps: dict[int, torch.Tensor] = {}
         self._ref_handles: list[Any] = []
         self._previous_attn: Any = None
 
@@ -208,8 +160,8 @@ class ReferenceStyleRun(PruningRun):
             super().detach()
             raise
         h = self._ref_handles
-        h.append(self.model.register_forward_pre_hook(self._ref_model_hook, with_kwargs=True))
-        h.append(self.decoder.register_forward_pre_hook(self._ref_decoder_hook, with_kwargs=True))
+        # registered after the engine's own decoder pre-hook: the prefill state exists when it runs
+        h.append(self.decoder.register_forward_pre_hook(self._ref_decoder_hook))
         for layer, step in self.method.score_layers().items():
             attn = getattr(self.layers[layer], self.family.attn_attr)
             h.append(attn.register_forward_hook(self._make_capture(step)))
@@ -225,38 +177,32 @@ class ReferenceStyleRun(PruningRun):
             self._previous_attn = None
         if self.method._run is self:
             object.__setattr__(self.method, "_run", None)
-        self.state = None
+        self._maps.clear()
         super().detach()
 
-    def _ref_model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        self._ids = ids
-        self._mask = kwargs.get("attention_mask")
+    def _in_prefill(self) -> bool:
+        return self._mode == "prefill" and self._prefill is not None
 
-    def _ref_decoder_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = self.contract.find_cache(kwargs, "the language model")
-        past = contract.cache_length(cache)
-        self._prefill_now = past == 0 and self._ids is not None
-        if not self._prefill_now:
-            return
-        ids = self._ids
-        if ids.shape[0] != 1:
+    def current_slots(self) -> SlotInfo:
+        """The engine's :class:`~himap_vlm.core.engine.scoring.SlotInfo` of the layout being processed."""
+        if not self._in_prefill():
+            raise RuntimeError("reference-style: no prefill in progress")
+        return self._prefill.slots()
+
+    def pop_map(self, step: int) -> torch.Tensor:
+        """The captured map of the layer before ``step``, shape (1, H, L, L), removed from the run."""
+        if step not in self._maps:
+            raise RuntimeError(f"reference-style: no attention map was captured for step {step}")
+        return self._maps.pop(step)
+
+    def _ref_decoder_hook(self, module: nn.Module, args: tuple) -> None:
+        self._maps.clear()
+        if self._in_prefill() and self._prefill.input_ids.shape[0] != 1:
             raise ValueError("reference-style runs take batch size 1 (as the authors' code)")
-        row = ids[0]
-        real = torch.ones_like(row, dtype=torch.bool)
-        if isinstance(self._mask, torch.Tensor) and self._mask.dim() == 2:
-            real = self._mask[0].bool().to(row.device)
-        self.state = _RefState(
-            is_image=(row == self.image_token_id) & real,
-            real=real,
-            positions=torch.arange(row.numel(), device=row.device),
-        )
 
     def _make_capture(self, step: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._prefill_now or self.state is None:
+            if not self._in_prefill():
                 return
             weights = contract.attention_weights(output)
             if weights is None:
@@ -264,7 +210,7 @@ class ReferenceStyleRun(PruningRun):
                     "reference-style: the attention module returned no attention weights; "
                     "it needs the eager kernel"
                 )
-            self.state.maps[step] = weights[0].detach()
+            self._maps[step] = weights.detach()
 
         return hook
 

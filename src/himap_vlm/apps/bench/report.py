@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from himap_vlm.apps.bench.plot import as_dicts
-from himap_vlm.apps.bench.runner import BenchResult
+from himap_vlm.apps.bench.summary import BenchResult
 
 __all__ = ["markdown_report", "markdown_table"]
 

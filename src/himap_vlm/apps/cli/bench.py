@@ -1,4 +1,17 @@
-"""``himap bench``: dense vs pruning methods (and the authors' approach), measured, not claimed."""
+"""``himap bench``: dense vs pruning methods (and the authors' approach), measured, not claimed.
+
+Examples
+--------
+::
+
+    himap bench --tiny --out /tmp/bench                                    # every registered method
+    himap bench --model tiny-llava --methods "dense,himap,fastv(r=0.75)" --out /tmp/bench
+    himap bench --tiny --methods all --reference all --out /tmp/bench      # + every reference-style row
+
+``--methods`` and ``--reference`` are method lists in the spec syntax of
+:mod:`himap_vlm.core.methods.spec` (``all``: every registered method); bare names take the
+method's paper setting scaled to the model's depth.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +23,12 @@ from typing import Any
 
 import typer
 
+from himap_vlm.apps.bench.rows import ALL
 from himap_vlm.apps.cli._app import app
-from himap_vlm.apps.cli._common import fail, load_model, parse_method_args
+from himap_vlm.apps.cli._common import fail, load_model, model_config, num_layers_of, spec_error
 from himap_vlm.apps.prompting import build_prompt
 
-DEFAULT_METHODS = "dense,himap,fastv,vtw,random"
-
-
-def parse_prefixed_method_args(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """``["himap.k1=2", "fastv.r=0.75"]`` -> ``{"himap": {"k1": 2}, "fastv": {"r": 0.75}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        head, sep, _ = pair.partition("=")
-        if not sep or "." not in head:
-            fail(f"--method-arg expects METHOD.KEY=VALUE (e.g. himap.k1=2); got {pair!r}")
-        method, rest = pair.split(".", 1)
-        out.setdefault(method.strip().lower(), {}).update(parse_method_args([rest]))
-    return out
+_DTYPES = {"float32", "bfloat16", "float16"}
 
 
 def _split(text: str) -> list[str]:
@@ -36,24 +38,27 @@ def _split(text: str) -> list[str]:
 @app.command("bench")
 def bench(
     out: Path = typer.Option(..., "--out", help="Directory for bench.json (all raw timings) and bench.png."),
-    model: str | None = typer.Option(None, "--model", help="Local model directory."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model directory, hub id (when online), or a named model: tiny-llava, smol-llava."
+    ),
     tiny: bool = typer.Option(
-        False, "--tiny", help="Build a tiny random LLaVA in memory instead of --model."
+        False, "--tiny", help="Build a random LLaVA in memory (on --device) instead of --model."
     ),
     data: Path | None = typer.Option(
         None, "--data", help="JSONL of {image, question} records (himap_vlm.apps.data format)."
     ),
     n: int = typer.Option(3, "--n", min=1, help="Synthetic scene-QA samples when no --data is given."),
     methods: str = typer.Option(
-        DEFAULT_METHODS, "--methods", help="Comma-separated methods (dense is always run)."
-    ),
-    method_arg: list[str] = typer.Option(
-        [], "--method-arg", help="Per-method parameter METHOD.KEY=VALUE, e.g. himap.k2=4 (repeatable)."
+        ALL,
+        "--methods",
+        help="Method list, e.g. 'dense,himap,fastv(r=0.75),himap(k2=4)', or 'all' (every registered method). "
+        "Bare names take the paper setting scaled to the model's depth; dense is always run.",
     ),
     reference: str | None = typer.Option(
         None,
         "--reference",
-        help="Methods that also get a reference-style row (comma list, or 'none'; default: himap when run).",
+        help="Configurations that also get a reference-style row: method names (every listed configuration "
+        "of the method), listed configurations, 'all' (every static one) or 'none' (default: himap when run).",
     ),
     sweep: str | None = typer.Option(
         None, "--sweep", help="Image-token counts to sweep, e.g. 144,576,2304 (with --tiny: one model each)."
@@ -73,7 +78,7 @@ def bench(
     patch_size: int = typer.Option(4, "--patch-size", min=1, help="--tiny: vision patch size."),
     seed: int = typer.Option(0, "--seed", help="--tiny: weight seed."),
     attn_implementation: str | None = typer.Option(
-        None, "--attn-implementation", help="sdpa (default), eager, ..."
+        None, "--attn-implementation", help="sdpa (default), eager, flash_attention_2, ..."
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
@@ -85,11 +90,11 @@ def bench(
     Reports medians and spread of prefill latency, time to first token, decode tokens/s,
     end-to-end latency, peak memory and KV-cache bytes, next to the exact FLOPs ratio and the
     FLOPs-ideal speedup (measured / ideal as a column). Writes OUT/bench.json with every raw
-    timing and OUT/bench.png.
+    timing, OUT/bench.md and OUT/bench.png.
 
-    Method parameters default to the paper settings scaled to the model depth L (HiMAP k1=2,
-    r1=0.5, k2=L//4, r2=0.75; FastV and random k=2, r=0.5; VTW k=L//2); override them with
-    --method-arg.
+    Methods come from the registry: --methods all (the default) runs every registered method,
+    each with its paper setting scaled to the model's depth L (the method's defaults_for(L));
+    give parameters in the spec syntax, e.g. --methods "dense,himap(k2=4),fastv(r=0.75)".
     """
     import torch
     from rich.console import Console
@@ -97,34 +102,19 @@ def bench(
 
     from himap_vlm.apps.bench.plot import plot_speedup
     from himap_vlm.apps.bench.report import markdown_report
-    from himap_vlm.apps.bench.runner import build_rows, run_benchmark
-    from himap_vlm.core.families import resolve_family
-    from himap_vlm.core.methods import METHODS
+    from himap_vlm.apps.bench.rows import build_rows
+    from himap_vlm.apps.bench.runner import run_benchmark
+    from himap_vlm.core.methods.spec import MethodSpecError
 
     if (model is None) == (not tiny):
-        fail("give either --model PATH or --tiny (a tiny random model built in memory)")
+        fail("give either --model PATH (or a named model such as tiny-llava) or --tiny (a random model built in memory)")
+    if dtype not in _DTYPES:
+        fail(f"--dtype must be one of {', '.join(sorted(_DTYPES))}; got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given but CUDA is not available")
-    method_names = _split(methods)
-    if not method_names:
-        fail("--methods is empty")
-    unknown = [m for m in method_names if m.lower() not in METHODS]
-    if unknown:
-        fail(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}")
-    if reference is None:
-        reference = "himap" if "himap" in {m.lower() for m in method_names} else "none"
-    refs = [] if reference.strip().lower() in ("", "none") else _split(reference)
-    per_method = parse_prefixed_method_args(method_arg)
-    requested = {m.lower() for m in method_names} | {"dense"}
-    for what, names in (("--reference", [r.lower() for r in refs]), ("--method-arg", list(per_method))):
-        stray = sorted(set(names) - requested)
-        if stray:
-            fail(
-                f"{what} names {', '.join(stray)}, which are not in the methods to run (--methods {methods})"
-            )
+        fail("--device cuda was given but CUDA is not available; leave --device out or pass --device cpu")
     sweep_points: list[int | None] = [None]
     if sweep:
         try:
@@ -140,12 +130,29 @@ def bench(
     if tiny and (hidden % heads or heads % kv_heads):
         fail("--hidden must be divisible by --heads, and --heads by --kv-heads")
 
+    path = None
+    if tiny:
+        num_layers = layers
+    else:
+        path, config = model_config(model)
+        num_layers = num_layers_of(config)
+    try:
+        rows = build_rows(methods, num_layers)
+    except MethodSpecError as exc:
+        spec_error(exc, "--methods", methods)
+    if reference is None:  # HiMAP (the package's subject) when it is run
+        reference = "himap" if any(r.method == "himap" for r in rows) else "none"
+    try:
+        rows = build_rows(methods, num_layers, reference)
+    except MethodSpecError as exc:
+        spec_error(exc, "--reference", reference)
+
     records = _load_records(data, n)
     console = Console(stderr=True)
     results = []
     for point in sweep_points:
         net, processor, label = _model(
-            model,
+            path,
             tiny,
             point or image_tokens,
             layers,
@@ -157,13 +164,9 @@ def bench(
             seed,
             attn_implementation,
             dtype,
+            dev,
         )
         net.to(dev)
-        num_layers = int(resolve_family(net).text_config(net).num_hidden_layers)
-        try:
-            rows = build_rows(method_names, num_layers, per_method, refs)
-        except ValueError as exc:
-            fail(str(exc))
         samples = [_process(processor, rec, net, dev) for rec in records]
         total = (
             warmup * len(rows)
@@ -245,13 +248,15 @@ def _model(
     seed: int,
     attn: str | None,
     dtype: str,
+    device: Any,
 ):
     if not tiny:
         net, processor = load_model(path, attn, dtype)
         return net, processor, str(path)
     import torch
 
-    from himap_vlm.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from himap_vlm.apps.bench.models import build_random_llava
+    from himap_vlm.models.tiny import TinyLlavaSpec
 
     side = math.isqrt(n_tokens)
     spec = TinyLlavaSpec(
@@ -265,11 +270,11 @@ def _model(
         seed=seed,
         attn_implementation=attn or "sdpa",
     )
-    net, processor = build_tiny_llava(spec)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        fail(f"--dtype must be one of float32, bfloat16, float16; got {dtype!r}")
-    net.to(torch_dtype)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        net, processor = build_random_llava(spec, device, torch_dtype)
+    except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 without flash-attn
+        fail(f"cannot build the --tiny model: {exc}")
     label = f"tiny llama L={layers} d={hidden} H={heads}/{kv_heads} · {n_tokens} image tokens"
     return net, processor, label
 

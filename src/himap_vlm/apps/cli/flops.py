@@ -4,15 +4,19 @@ Examples
 --------
 ::
 
-    himap flops --preset llava-1.5-7b --method himap --k1 2 --r1 0.5 --k2 8 --r2 0.75 --convention paper
-    himap flops --config path/to/config.json --method fastv --k 2 --r 0.5 --layout 35,576,60 --json
+    himap flops --preset llava-1.5-7b --method "himap(k1=2,r1=0.5,k2=8,r2=0.75)" --convention paper
+    himap flops --config path/to/config.json --method fastv --method-arg k=3 --layout 35,576,60 --json
+    himap flops --config tiny-llava --method vtw
+    himap flops --preset llava-1.5-7b --methods all --convention paper
     himap flops --preset llava-1.5-7b --counts run_counts.json --per-layer
 
 The layout defaults to the preset's (LLaVA-1.5: 35 tokens before the image, 576 image tokens,
 60 after); for ``--config`` the image-token count comes from the vision tower when the config
-has one. Static schedules come from ``himap_vlm.core.methods.get_method(name)(**params)
-.image_tokens_schedule(...)`` when that registry knows the method, else from
-:func:`himap_vlm.apps.flops.schedule_for`.
+has one. ``--method`` is one configuration and ``--methods`` a list (``all``: every registered
+method), in the spec syntax of :mod:`himap_vlm.core.methods.spec`; a bare name takes the
+method's paper setting scaled to the model's depth. Every schedule comes from the method
+itself (:meth:`~himap_vlm.core.methods.base.PruningMethod.image_tokens_schedule`); methods
+whose counts depend on the input (VisiPruner) need measured counts (``--counts``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from himap_vlm.apps.cli._app import app
-from himap_vlm.apps.cli._common import fail
+from himap_vlm.apps.cli._common import fail, method_list, method_spec
 from himap_vlm.apps.flops import (
     CONVENTIONS,
     Layout,
@@ -35,8 +39,9 @@ from himap_vlm.apps.flops import (
     kv_cache_bytes,
     list_presets,
     prefill_flops,
-    schedule_for,
 )
+
+_MIB = 2**20
 
 
 def _parse_counts(text: str) -> Any:
@@ -66,41 +71,20 @@ def _parse_counts(text: str) -> Any:
         ) from exc
 
 
-def resolve_schedule(
-    method: str, num_image: int, num_layers: int, params: dict[str, Any]
-) -> tuple[list[int], str]:
-    """Per-layer image-token counts of a static method, and where they came from.
+def resolve_schedule(spec: Any, num_image: int, num_layers: int) -> list[int] | None:
+    """Image tokens per decoder layer of a parsed configuration, read from the method itself.
 
-    Uses the method classes of :mod:`himap_vlm.core.methods` (the engine's own schedule), and falls back
-    to :func:`himap_vlm.apps.flops.schedule_for` only for names the registry does not know (its aliases).
-
-    Raises
-    ------
-    ValueError
-        For an unknown method, bad parameters, or an input-dependent method.
+    ``None`` for a method whose counts depend on the input (run it and pass the measured counts).
     """
-    from himap_vlm.core.methods import get_method
+    schedule = spec.build().image_tokens_schedule(num_image, num_layers)
+    return None if schedule is None else [int(v) for v in schedule]
 
-    try:
-        cls = get_method(method)
-    except ValueError:
-        cls = None  # e.g. an alias such as "randomprune" that only schedule_for knows
-    if cls is not None:
-        try:
-            instance = cls(**params)
-        except TypeError as exc:
-            raise ValueError(
-                f"method {method!r} does not accept {', '.join('--' + p for p in params)}: {exc}"
-            ) from exc
-        instance.validate_for_model(num_layers)
-        schedule = instance.image_tokens_schedule(num_image, num_layers)
-        if schedule is None:
-            raise ValueError(
-                f"method {method!r} keeps an input-dependent number of image tokens; run it and pass the measured "
-                "run.image_tokens_per_layer with --counts"
-            )
-        return [int(v) for v in schedule], "himap_vlm.core.methods"
-    return schedule_for(method, num_image, num_layers, **params), "himap_vlm.apps.flops.schedule_for"
+
+def _dynamic_message(label: str) -> str:
+    return (
+        f"method {label!r} keeps an input-dependent number of image tokens; run it and pass the measured "
+        "run.image_tokens_per_layer with --counts"
+    )
 
 
 def _compact(counts: list[float]) -> str:
@@ -114,68 +98,39 @@ def _compact(counts: list[float]) -> str:
     return ", ".join(f"{v:g}x{n}" for v, n in runs)
 
 
-def _compute(
-    *,
-    config: Path | None,
-    preset: str | None,
-    method: str,
-    params: dict[str, Any],
-    counts: str | None,
-    layout: str | None,
-    convention: str,
-    vision: bool,
-    all_logits: bool,
-    full_attention: bool,
-    batch_reduce: str,
-    dtype: str,
-    new_tokens: int,
-) -> dict[str, Any]:
+def _source(config: Path | None, preset: str | None) -> str:
     if (config is None) == (preset is None):
         raise ValueError(
-            f"pass exactly one of --config PATH or --preset NAME (presets: {', '.join(list_presets())})"
+            f"pass exactly one of --config PATH (or a named model) or --preset NAME (presets: {', '.join(list_presets())})"
         )
-    source: Any = str(config) if config is not None else preset
-    dims = TextDims.from_config(source)
-    lay = Layout.parse(layout) if layout else default_layout(source)
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown --convention {convention!r}; use one of: {', '.join(CONVENTIONS)}")
-    vision_dims = VisionDims.from_config(source) if vision else None
-    if vision and convention != "exact":
-        raise ValueError("--vision applies only to --convention exact")
-    if new_tokens < 0:
-        raise ValueError(f"--new-tokens must be >= 0; got {new_tokens}")
+    if preset is not None:
+        return preset
+    from himap_vlm.models import resolve_model
 
-    if counts is not None:
-        if params:
-            raise ValueError(
-                "--counts replaces the method's schedule; drop the method options (--k, --r, ...)"
-            )
-        schedule: Any = _parse_counts(counts)
-        schedule_source = "measured (--counts)"
-        method_name = method if method != "dense" else "measured"
-    else:
-        schedule, schedule_source = resolve_schedule(method, lay.image, dims.num_layers, params)
-        method_name = method
+    try:
+        return resolve_model(str(config))
+    except FileNotFoundError as exc:
+        raise ValueError(f"--config {config}: {exc}") from exc
 
+
+def _flops(dims: TextDims, lay: Layout, schedule: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs, KV bytes and (optionally) decode steps of one schedule."""
+    convention, dtype, batch_reduce, new_tokens = (
+        opts["convention"], opts["dtype"], opts["batch_reduce"], opts["new_tokens"]
+    )
     report = prefill_flops(
         dims,
         lay,
         schedule,
-        convention,  # type: ignore[arg-type]
-        causal=not full_attention,
-        logits="all" if all_logits else "last",
-        vision=vision_dims,
-        batch_reduce=batch_reduce,  # type: ignore[arg-type]
+        convention,
+        causal=not opts["full_attention"],
+        logits="all" if opts["all_logits"] else "last",
+        vision=opts["vision"],
+        batch_reduce=batch_reduce,
     )
     kv = kv_cache_bytes(dims, lay, schedule, dtype)
     kv_dense = kv_cache_bytes(dims, lay, None, dtype, batch=_batch_size(schedule))
     out: dict[str, Any] = {
-        "model": str(source),
-        "num_layers": dims.num_layers,
-        "method": method_name,
-        "method_params": params,
-        "schedule_source": schedule_source,
-        "layout": {"before": lay.before, "image": lay.image, "after": lay.after},
         **report.to_dict(),
         "kv_cache_dtype": dtype,
         "kv_cache_bytes": sum(kv),
@@ -186,7 +141,7 @@ def _compute(
     if new_tokens > 0:
         # The first new token comes from the prefill logits; each later one costs a decode step.
         steps = [
-            decode_step_flops(dims, lay, schedule, convention, generated=g, batch_reduce=batch_reduce)  # type: ignore[arg-type]
+            decode_step_flops(dims, lay, schedule, convention, generated=g, batch_reduce=batch_reduce)
             for g in range(new_tokens - 1)
         ]
         decode = sum(s.total for s in steps)
@@ -204,6 +159,76 @@ def _compute(
     return out
 
 
+def _compute(
+    *,
+    config: Path | None,
+    preset: str | None,
+    method: str,
+    method_args: list[str],
+    methods: str | None,
+    counts: str | None,
+    layout: str | None,
+    convention: str,
+    vision: bool,
+    all_logits: bool,
+    full_attention: bool,
+    batch_reduce: str,
+    dtype: str,
+    new_tokens: int,
+) -> dict[str, Any]:
+    source = _source(config, preset)
+    dims = TextDims.from_config(source)
+    lay = Layout.parse(layout) if layout else default_layout(source)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown --convention {convention!r}; use one of: {', '.join(CONVENTIONS)}")
+    if vision and convention != "exact":
+        raise ValueError("--vision applies only to --convention exact")
+    if new_tokens < 0:
+        raise ValueError(f"--new-tokens must be >= 0; got {new_tokens}")
+    opts = dict(
+        convention=convention,
+        dtype=dtype,
+        batch_reduce=batch_reduce,
+        new_tokens=new_tokens,
+        full_attention=full_attention,
+        all_logits=all_logits,
+        vision=VisionDims.from_config(source) if vision else None,
+    )
+    head: dict[str, Any] = {
+        "model": str(source),
+        "num_layers": dims.num_layers,
+        "layout": {"before": lay.before, "image": lay.image, "after": lay.after},
+    }
+    if methods is not None:
+        if counts is not None or method_args or method != "dense":
+            raise ValueError("--methods compares method schedules: drop --method, --method-arg and --counts")
+        rows = []
+        for spec in method_list(methods, dims.num_layers):
+            row: dict[str, Any] = {"method": spec.name, "label": spec.label, "spec": spec.full_label}
+            schedule = resolve_schedule(spec, lay.image, dims.num_layers)
+            if schedule is None:
+                row.update(schedule_source=None, note=_dynamic_message(spec.label))
+            else:
+                row.update(schedule_source=f"{spec.name}.image_tokens_schedule", **_flops(dims, lay, schedule, opts))
+            rows.append(row)
+        return {**head, "convention": convention, "methods": rows}
+    if counts is not None:
+        if method_args or "(" in method:
+            raise ValueError("--counts replaces the method's schedule: drop the method's parameters (and --method-arg)")
+        name = method_spec(method).name
+        schedule: Any = _parse_counts(counts)
+        out = {"method": "measured" if name == "dense" else name, "spec": None, "method_params": {}}
+        out["schedule_source"] = "measured (--counts)"
+    else:
+        spec = method_spec(method, method_args, dims.num_layers)
+        schedule = resolve_schedule(spec, lay.image, dims.num_layers)
+        if schedule is None:
+            raise ValueError(_dynamic_message(spec.label))
+        out = {"method": spec.name, "spec": spec.full_label, "method_params": dict(spec.config)}
+        out["schedule_source"] = f"{spec.name}.image_tokens_schedule"
+    return {**head, **out, **_flops(dims, lay, schedule, opts)}
+
+
 def _batch_size(schedule: Any) -> int:
     if isinstance(schedule, list) and schedule and isinstance(schedule[0], list):
         return len(schedule[0])
@@ -216,7 +241,6 @@ def _print_rich(result: dict[str, Any], per_layer: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    mib = 2**20
     lay = result["layout"]
     table = Table(
         title=escape(f"himap flops: {result['model']} ({result['convention']} convention, prefill)"),
@@ -224,8 +248,7 @@ def _print_rich(result: dict[str, Any], per_layer: bool) -> None:
     )
     table.add_column("quantity", style="bold")
     table.add_column("value")
-    params = ", ".join(f"{k}={v}" for k, v in result["method_params"].items())
-    table.add_row("method", escape(f"{result['method']}({params})  [{result['schedule_source']}]"))
+    table.add_row("method", escape(f"{result['spec'] or result['method']}  [{result['schedule_source']}]"))
     table.add_row("layout", f"{lay['before']} before + {lay['image']} image + {lay['after']} after")
     table.add_row("image tokens per layer", _compact(result["image_tokens_per_layer"]))
     table.add_row("TFLOPs (dense)", f"{result['tflops_dense']:.4f}")
@@ -238,7 +261,7 @@ def _print_rich(result: dict[str, Any], per_layer: bool) -> None:
         )
     table.add_row(
         f"KV cache ({result['kv_cache_dtype']})",
-        f"{result['kv_cache_bytes'] / mib:.2f} MiB (dense {result['kv_cache_bytes_dense'] / mib:.2f} MiB)",
+        f"{result['kv_cache_bytes'] / _MIB:.2f} MiB (dense {result['kv_cache_bytes_dense'] / _MIB:.2f} MiB)",
     )
     if "decode" in result:
         dec = result["decode"]
@@ -257,36 +280,73 @@ def _print_rich(result: dict[str, Any], per_layer: bool) -> None:
                 f"{result['image_tokens_per_layer'][i]:g}",
                 f"{result['per_layer_flops'][i] / 1e9:.3f}",
                 f"{result['per_layer_flops_dense'][i] / 1e9:.3f}",
-                f"{result['kv_cache_bytes_per_layer'][i] / mib:.3f}",
-                f"{result['kv_cache_bytes_per_layer_dense'][i] / mib:.3f}",
+                f"{result['kv_cache_bytes_per_layer'][i] / _MIB:.3f}",
+                f"{result['kv_cache_bytes_per_layer_dense'][i] / _MIB:.3f}",
             )
         console.print(layers)
+
+
+def _print_methods(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    lay = result["layout"]
+    table = Table(
+        title=escape(
+            f"himap flops: {result['model']} ({result['convention']} convention, prefill; layout "
+            f"{lay['before']}+{lay['image']}+{lay['after']})"
+        )
+    )
+    table.add_column("method", overflow="fold")
+    table.add_column("image tokens per layer", overflow="fold")
+    for col in ("TFLOPs", "ratio", "KV MiB"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in result["methods"]:
+        if row["schedule_source"] is None:
+            table.add_row(escape(row["spec"]), "input-dependent: measure it and pass --counts", "-", "-", "-")
+            continue
+        table.add_row(
+            escape(row["spec"]),
+            _compact(row["image_tokens_per_layer"]),
+            f"{row['tflops']:.4f}",
+            f"{100 * row['ratio']:.1f} %",
+            f"{row['kv_cache_bytes'] / _MIB:.2f}",
+        )
+    Console().print(table)
 
 
 @app.command("flops")
 def flops(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Hugging Face config.json (or model directory) of the model."),
+        typer.Option(
+            "--config", help="Hugging Face config.json or model directory, or a named model (tiny-llava, smol-llava)."
+        ),
     ] = None,
     preset: Annotated[
         str | None, typer.Option("--preset", help="Built-in model dimensions: llava-1.5-7b or llava-1.5-13b.")
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", "-m", help="dense, himap, fastv, random or vtw (static schedules).")
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            help="One configuration: NAME or NAME(KEY=VALUE,...), e.g. 'fastv(k=3)'. Bare names take the paper "
+            "setting scaled to the model's depth.",
+        ),
     ] = "dense",
-    k: Annotated[int | None, typer.Option("--k", help="Pruning layer K (fastv, random, vtw).")] = None,
-    r: Annotated[
-        float | None, typer.Option("--r", help="Fraction of image tokens pruned (fastv, random).")
+    method_arg: Annotated[
+        list[str] | None,
+        typer.Option("--method-arg", help="KEY=VALUE added to --method's parameters (repeatable), e.g. k2=4."),
     ] = None,
-    k1: Annotated[int | None, typer.Option("--k1", help="HiMAP shallow pruning layer.")] = None,
-    r1: Annotated[float | None, typer.Option("--r1", help="HiMAP fraction pruned at k1.")] = None,
-    k2: Annotated[int | None, typer.Option("--k2", help="HiMAP deep pruning layer.")] = None,
-    r2: Annotated[
-        float | None, typer.Option("--r2", help="HiMAP fraction of the remaining tokens pruned at k2.")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed (random; does not change the counts).")
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Compare several configurations in one table: a comma list ('dense,himap,fastv(r=0.75)') or "
+            "'all' (every registered method).",
+        ),
     ] = None,
     counts: Annotated[
         str | None,
@@ -329,17 +389,13 @@ def flops(
     ] = False,
 ) -> None:
     """FLOPs (prefill, optionally decode) and KV-cache bytes of a pruning configuration."""
-    params = {
-        name: value
-        for name, value in dict(k=k, r=r, k1=k1, r1=r1, k2=k2, r2=r2, seed=seed).items()
-        if value is not None
-    }
     try:
         result = _compute(
             config=config,
             preset=preset,
             method=method,
-            params=params,
+            method_args=list(method_arg or []),
+            methods=methods,
             counts=counts,
             layout=layout,
             convention=convention,
@@ -355,5 +411,7 @@ def flops(
         return
     if json_output:
         typer.echo(json.dumps(result))
+    elif "methods" in result:
+        _print_methods(result)
     else:
         _print_rich(result, per_layer)

@@ -1,42 +1,60 @@
-"""``himap generate``: answer a prompt about an image with a pruning method, optionally timed."""
+"""``himap generate``: answer a prompt about an image with a pruning method, optionally timed.
+
+Examples
+--------
+::
+
+    himap generate --model tiny-llava --image cat.png --prompt "What is it?" --method "himap(k1=2,r1=0.5)"
+    himap generate --model ./my-llava --image cat.png --prompt "What is it?" --method fastv --method-arg k=3
+    himap generate --model tiny-llava --image cat.png --prompt "What is it?" --method vtw --compare
+
+``--method`` is one configuration in the spec syntax of :mod:`himap_vlm.core.methods.spec`; a bare
+name takes the method's paper setting scaled to the model's depth. ``--compare`` times the
+prefill against dense with the benchmark's routine (:func:`himap_vlm.apps.bench.run_benchmark`).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from himap_vlm.apps.cli._app import app
 from himap_vlm.apps.cli._common import (
-    build_method,
     build_prompt,
     fail,
     load_images,
     load_model,
-    parse_method_args,
+    method_spec,
+    model_config,
+    num_layers_of,
     summarize_counts,
 )
 
 
 @app.command("generate")
 def generate(
-    model: str = typer.Option(..., "--model", help="Local model directory (or hub id when online)."),
+    model: str = typer.Option(
+        ..., "--model", help="Model directory, hub id (when online), or a named model: tiny-llava, smol-llava."
+    ),
     image: list[Path] = typer.Option([], "--image", help="Image file; repeat for several images."),
     prompt: str = typer.Option(..., "--prompt", help="The question or instruction."),
-    method: str = typer.Option("himap", "--method", help="dense, himap, fastv, random (and any registered method)."),
-    k: int | None = typer.Option(None, "--k", help="Pruning layer (fastv, random, vtw)."),
-    r: float | None = typer.Option(None, "--r", help="Fraction of image tokens pruned (fastv, random)."),
-    k1: int | None = typer.Option(None, "--k1", help="HiMAP shallow filtering layer."),
-    r1: float | None = typer.Option(None, "--r1", help="HiMAP fraction pruned at k1."),
-    k2: int | None = typer.Option(None, "--k2", help="HiMAP deep filtering layer."),
-    r2: float | None = typer.Option(None, "--r2", help="HiMAP fraction of the remaining tokens pruned at k2."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (random control)."),
-    criterion: str | None = typer.Option(None, "--criterion", help="FastV: last_token or mean_received."),
-    method_arg: list[str] = typer.Option([], "--method-arg", help="Other method parameter, KEY=VALUE (repeatable)."),
+    method: str = typer.Option(
+        "himap",
+        "--method",
+        help="A registered method, optionally with parameters: NAME or NAME(KEY=VALUE,...), e.g. "
+        "'himap(k1=2,r1=0.5)'. Bare names take the paper setting scaled to the model's depth.",
+    ),
+    method_arg: list[str] = typer.Option(
+        [], "--method-arg", help="KEY=VALUE added to --method's parameters (repeatable), e.g. k2=4."
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    compare: bool = typer.Option(False, "--compare", help="Also time the prefill dense vs pruned (medians)."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed prefills per setting with --compare."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also time the prefill against dense (interleaved, paired ratios, FLOPs-ideal)."
+    ),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed rounds per setting with --compare."),
     attn_implementation: str | None = typer.Option(None, "--attn-implementation", help="sdpa (default), eager, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
@@ -49,47 +67,40 @@ def generate(
 
     if threads:
         torch.set_num_threads(threads)
-    options = dict(k=k, r=r, k1=k1, r1=r1, k2=k2, r2=r2, seed=seed, criterion=criterion)
-    extra = parse_method_args(method_arg)
-    options.update(extra)
-    pruner = build_method(method, options, frozenset(k_ for k_, v in extra.items() if v is None))
+    path, config = model_config(model)
+    spec = method_spec(method, method_arg, num_layers_of(config))
     if not image:
         fail("give at least one --image (the prompt is about an image)")
     images = load_images(image)
-    net, processor = load_model(model, attn_implementation, dtype)
+    net, processor = load_model(path, attn_implementation, dtype)
     text = build_prompt(processor, prompt, len(images))
     inputs = processor(images=images, text=text, return_tensors="pt")
+    pruner = spec.build()
     try:
         run = pruner(net)
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"--method {spec.label}: {exc}")
     with torch.no_grad(), run:
         out = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
     counts = [c[0] for c in run.image_tokens_per_layer]
     result: dict = {
         "answer": answer,
-        "method": method,
+        "method": spec.name,
+        "spec": spec.full_label,
         "config": dict(pruner.config),
         "image_tokens_per_layer": counts,
         "sequence_length": int(inputs["input_ids"].shape[1]),
         "record": _jsonable(getattr(run, "record", {})),
     }
     if compare:
-        timing = prefill_timings(net, inputs, pruner, repeats)
-        result.update(timing)
-        try:
-            from himap_vlm.apps.flops import flops_ratio_for_run
-
-            result["flops_ratio"] = flops_ratio_for_run(net, inputs, counts)
-        except Exception:  # pragma: no cover - flops module optional at this point
-            pass
+        result.update(compare_prefill(net, dict(inputs), spec, repeats))
     if as_json:
         typer.echo(json.dumps(result))
         return
     console = Console()
     console.print(f"[bold]{answer or '(empty answer)'}[/bold]")
-    table = Table(title=f"himap · {method}", show_header=False)
+    table = Table(title=f"himap · {spec.label}", show_header=False)
     table.add_row("config", ", ".join(f"{k_}={v}" for k_, v in result["config"].items()) or "-")
     table.add_row("sequence length", str(result["sequence_length"]))
     table.add_row("image tokens per layer", summarize_counts(counts))
@@ -99,74 +110,52 @@ def generate(
         table.add_row(
             "prefill dense / pruned (median)",
             f"{result['prefill_ms_dense']:.1f} / {result['prefill_ms_pruned']:.1f} ms "
-            f"({result['prefill_speedup']:.2f}x)",
+            f"({result['prefill_speedup']:.2f}x, paired)",
         )
         table.add_row(
             "language model only",
             f"{result['lm_prefill_ms_dense']:.1f} / {result['lm_prefill_ms_pruned']:.1f} ms "
-            f"({result['lm_prefill_speedup']:.2f}x)",
+            f"({result['lm_prefill_speedup']:.2f}x, paired)",
         )
-        if "flops_ratio" in result:
-            table.add_row("FLOPs ratio (exact)", f"{result['flops_ratio']:.1%}")
+        table.add_row(
+            "FLOPs ratio (exact) · ideal · measured/ideal",
+            f"{result['flops_ratio']:.1%} · {result['ideal_speedup']:.2f}x · "
+            + ("-" if result["measured_over_ideal"] is None else f"{result['measured_over_ideal']:.2f}"),
+        )
     console.print(table)
 
 
-def prefill_timings(net, inputs, pruner, repeats: int) -> dict:
-    """Median prefill times (whole model and language model alone), dense vs ``pruner``.
+def compare_prefill(net: Any, inputs: dict[str, Any], spec: Any, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Prefill of ``spec`` against dense, timed by the benchmark's routine.
 
-    Dense and pruned runs alternate in the same process after one warm-up each, so drift and
-    caches affect both alike; CUDA is synchronised around every timed call.
+    One sample, ``warmup`` untimed rounds, then ``repeats`` interleaved rounds of dense and the
+    method (:func:`himap_vlm.apps.bench.run_benchmark` with one new token, no memory pass):
+    synchronised timers, medians, and speedups as medians of paired ratios, next to the
+    FLOPs-ideal speedup.
+
+    Returns
+    -------
+    dict
+        ``prefill_ms_*`` (time to first token: the whole first forward), ``lm_prefill_ms_*`` (the
+        language model's forward), their paired speedups, ``flops_ratio``, ``ideal_speedup``,
+        ``measured_over_ideal``, ``repeats``.
     """
-    import statistics
-    import time
+    from himap_vlm.apps.bench import build_rows, run_benchmark
 
-    import torch
-
-    from himap_vlm.core.families import resolve_family
-    from himap_vlm.core.methods import Dense
-
-    decoder = resolve_family(net).decoder(net)
-    lm_time: list[float] = []
-
-    def pre(*_):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        lm_time.append(-time.perf_counter())
-
-    def post(*_):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        lm_time[-1] += time.perf_counter()
-
-    def once(method) -> tuple[float, float]:
-        with torch.no_grad(), method(net):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            net(**inputs, use_cache=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0, lm_time[-1]
-
-    handles = [decoder.register_forward_pre_hook(pre), decoder.register_forward_hook(post)]
-    try:
-        once(Dense())
-        once(pruner)
-        samples = {"dense": [], "pruned": []}
-        for _ in range(repeats):
-            samples["dense"].append(once(Dense()))
-            samples["pruned"].append(once(pruner))
-    finally:
-        for h in handles:
-            h.remove()
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(lm for _, lm in v)) for k, v in samples.items()}
+    rows = build_rows([spec], spec.num_layers)
+    bench = run_benchmark(net, [inputs], rows, repeats=repeats, warmup=warmup, max_new_tokens=1, memory=False)
+    by_row = {s.row: s for s in bench.summary}
+    dense, row = by_row[rows[0].name], by_row[rows[-1].name]
     return {
-        "prefill_ms_dense": med["dense"][0] * 1e3,
-        "prefill_ms_pruned": med["pruned"][0] * 1e3,
-        "prefill_speedup": med["dense"][0] / med["pruned"][0],
-        "lm_prefill_ms_dense": med["dense"][1] * 1e3,
-        "lm_prefill_ms_pruned": med["pruned"][1] * 1e3,
-        "lm_prefill_speedup": med["dense"][1] / med["pruned"][1],
+        "prefill_ms_dense": dense.ttft_ms.median,
+        "prefill_ms_pruned": row.ttft_ms.median,
+        "prefill_speedup": row.ttft_speedup.median,
+        "lm_prefill_ms_dense": dense.prefill_ms.median,
+        "lm_prefill_ms_pruned": row.prefill_ms.median,
+        "lm_prefill_speedup": row.prefill_speedup.median,
+        "flops_ratio": row.flops_ratio,
+        "ideal_speedup": row.ideal_speedup,
+        "measured_over_ideal": row.measured_over_ideal,
         "repeats": repeats,
     }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from himap_vlm.apps.cli._app import app
+from himap_vlm.apps.cli._common import fail
 
 
 @app.command("tiny-model")
@@ -28,8 +29,7 @@ def tiny_model(
     from himap_vlm.models.tiny import TinyLlavaSpec, save_tiny_llava
 
     if hidden % heads or heads % kv_heads:
-        typer.secho("error: --hidden must be divisible by --heads, and --heads by --kv-heads", err=True, fg="red")
-        raise typer.Exit(2)
+        fail("--hidden must be divisible by --heads, and --heads by --kv-heads")
     spec = TinyLlavaSpec(
         backbone=backbone,
         num_layers=layers,
