@@ -63,8 +63,10 @@ class ReferenceStyle(PruningMethod):
     Parameters
     ----------
     inner : PruningMethod
-        A static method (HiMAP, FastV, RandomPrune, VTW, Dense, ...): not dynamic, without
-        attention edits, scoring (if at all) with the attention of the layer before each step.
+        A static method (HiMAP, FastV, RandomPrune, VTW, PyramidDrop, DART, Dense, ...): not
+        dynamic, without attention edits. Steps scored with the layer before read its materialised
+        map; other requests (the pruning layer's own rows, features) are computed as the engine
+        does, which is how their authors computed them too (explicit rows, eager everywhere).
 
     Raises
     ------
@@ -84,24 +86,27 @@ class ReferenceStyle(PruningMethod):
             raise ValueError(
                 f"ReferenceStyle supports static methods without attention edits; {method.name} is not one"
             )
-        if any(s.score is not None and s.score.layer != "previous" for s in method.steps()):
-            raise ValueError(
-                f"ReferenceStyle reads the attention map of the layer before each step; {method.name} scores "
-                "with the pruning layer's own attention"
-            )
         object.__setattr__(self, "_run", None)
 
     @property
     def config(self) -> dict[str, Any]:
         return self.inner.config
 
+    def _from_map(self, step: PruneStep) -> bool:
+        """Whether a step's scores are read off a materialised map (attention of the layer before)."""
+        return step.score is not None and step.score.layer == "previous"
+
     def steps(self) -> list[PruneStep]:
-        """The wrapped method's steps without their score requests: the engine computes no scores."""
-        return [replace(s, score=None) for s in self.inner.steps()]
+        """The wrapped method's steps; those scored from the layer before get their scores from maps.
+
+        Steps that score with the pruning layer's own attention (PyramidDrop) or ask for features
+        (DART) keep their requests: their authors computed those explicitly for the rows needed too.
+        """
+        return [replace(s, score=None) if self._from_map(s) else s for s in self.inner.steps()]
 
     def score_layers(self) -> dict[int, int]:
-        """Layer whose attention map each scoring step reads -> step index."""
-        return {s.layer - 1: i for i, s in enumerate(self.inner.steps()) if s.score is not None}
+        """Layer whose attention map each map-scored step reads -> step index."""
+        return {s.layer - 1: i for i, s in enumerate(self.inner.steps()) if self._from_map(s)}
 
     def validate_for_model(self, num_layers: int) -> None:
         self.inner.validate_for_model(num_layers)
@@ -116,7 +121,10 @@ class ReferenceStyle(PruningMethod):
         run = self._run
         if run is None:
             raise RuntimeError("ReferenceStyle.select called outside a reference-style prefill")
-        request = self.inner.steps()[x.step].score
+        step = self.inner.steps()[x.step]
+        if not self._from_map(step):
+            return self.inner.select(x)
+        request = step.score
         scores = None
         if request is not None:
             scores = scores_from_map(run.pop_map(x.step), request, run.current_slots())[0]

@@ -54,7 +54,7 @@ __all__ = [
     "resolve_methods",
 ]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 
@@ -245,7 +245,8 @@ class MethodSpec:
             if self.num_layers is not None:
                 method.validate_for_model(self.num_layers)
         except (TypeError, ValueError) as exc:
-            raise MethodSpecError(f"{self.name}: {exc}") from None
+            text = str(exc)
+            raise MethodSpecError(text if text.startswith(f"{self.name}:") else f"{self.name}: {text}") from None
         return method
 
     # ------------------------------------------------------------------ naming
