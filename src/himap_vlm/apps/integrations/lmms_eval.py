@@ -377,10 +377,10 @@ class HimapEvalModel:
                 tokenizer.padding_side = previous
 
     def _record(self, run: Any, inputs: Any) -> None:
-        from himap_vlm.apps.eval.runner import _layouts
+        from himap_vlm.apps.eval.runner import prompt_layouts
 
         mask = inputs.get("attention_mask")
-        layouts = _layouts(
+        layouts = prompt_layouts(
             inputs["input_ids"].cpu(), None if mask is None else mask.cpu(), self.image_token_id
         )
         for b, layout in enumerate(layouts):
@@ -391,7 +391,7 @@ class HimapEvalModel:
         """Prefill FLOPs relative to dense over the requests served so far (``exact`` or ``paper``)."""
         import dataclasses
 
-        from himap_vlm.apps.eval.runner import _flops
+        from himap_vlm.apps.eval.runner import flops_ratios
         from himap_vlm.apps.flops import TextDims
 
         if not self.layouts:
@@ -404,7 +404,7 @@ class HimapEvalModel:
             {"layout": lay, "image_tokens_per_layer": counts}
             for lay, counts in zip(self.layouts, self.image_tokens_per_layer, strict=True)
         ]
-        exact, paper = _flops(records, dims)
+        exact, paper = flops_ratios(records, dims)
         return exact if convention == "exact" else paper
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
