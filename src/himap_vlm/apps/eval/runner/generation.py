@@ -87,21 +87,23 @@ def _generate_batch(
     processor: Any,
     task: Task,
     samples: Sequence[Sample],
+    prompts: Sequence[tuple[str, str | None]],
     max_new_tokens: int,
     run: Any,
     image_token_id: int,
     generation_kwargs: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
+    """Generate the answers of one batch; ``prompts`` are ``(user turn, instruction appended)`` per sample."""
     import torch
 
-    from himap_vlm.apps.prompting import build_inputs
+    from himap_vlm.apps.prompting import build_inputs, build_prompt
 
-    prompts = [task.prompt(s) for s in samples]
+    texts_in = [p for p, _ in prompts]
     images = []
     for s in samples:
         img = s.load_image()
         images.append([img] if img is not None else [])
-    inputs = build_inputs(processor, images, prompts, model=model, padding_side="left")
+    inputs = build_inputs(processor, images, texts_in, model=model, padding_side="left")
     tokenizer = getattr(processor, "tokenizer", processor)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -118,7 +120,7 @@ def _generate_batch(
     layouts = prompt_layouts(inputs["input_ids"].cpu(), None if mask is None else mask.cpu(), image_token_id)
     per_layer = run.image_tokens_per_layer  # layers x batch
     records = []
-    for b, (sample, prompt, text) in enumerate(zip(samples, prompts, texts, strict=True)):
+    for b, (sample, (prompt, instruction), text) in enumerate(zip(samples, prompts, texts, strict=True)):
         text = text.strip()
         prediction = task.parse(sample, text)
         try:
@@ -129,6 +131,8 @@ def _generate_batch(
             {
                 "id": sample.id,
                 "prompt": prompt,
+                "instruction": instruction,
+                "input_text": build_prompt(processor, prompt, len(images[b])),
                 "output": text,
                 "prediction": _json_safe(prediction),
                 "answer": _json_safe(sample.answer),

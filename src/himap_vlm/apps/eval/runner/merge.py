@@ -141,6 +141,8 @@ def finalize(
     model_name: str,
     *,
     timings: Mapping[str, tuple[int, float]] | None = None,
+    num_layers: int | None = None,
+    prompting: Mapping[str, Any] | None = None,
 ) -> EvalResults:
     """Merge the part files of every configuration, compute metrics and write the summary.
 
@@ -155,6 +157,12 @@ def finalize(
         The model's folder name (:func:`model_label`).
     timings : mapping, optional
         ``{slug: (samples generated, seconds)}`` for the throughput column.
+    num_layers : int, optional
+        The model's depth, for method names given without parameters (``defaults_for(L)``, as
+        :func:`evaluate` reads them); not needed for :class:`MethodSpec` objects that carry it.
+    prompting : mapping, optional
+        The prompt rule of the run (:meth:`himap_vlm.apps.eval.prompts.PromptPolicy.to_dict`),
+        recorded in ``summary.json``.
 
     Returns
     -------
@@ -163,7 +171,7 @@ def finalize(
     from himap_vlm.apps.eval.tasks import get_task
 
     task_obj = get_task(task) if isinstance(task, str) else task
-    specs = resolve_methods(methods)
+    specs = resolve_methods(methods, num_layers=num_layers)
     root = Path(out_dir) / task_obj.name / model_name
     order = [str(s.id) for s in samples]
     configs = []
@@ -177,7 +185,13 @@ def finalize(
                 directory / METRICS, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
             )
         configs.append(result)
-    results = EvalResults(task=task_obj.name, model=model_name, directory=root, configs=configs)
+    results = EvalResults(
+        task=task_obj.name,
+        model=model_name,
+        directory=root,
+        configs=configs,
+        prompting=None if prompting is None else dict(prompting),
+    )
     root.mkdir(parents=True, exist_ok=True)
     rows = results.rows()
     csv_path = root / SUMMARY_CSV

@@ -93,6 +93,9 @@ class EvalResults:
         In the order the methods were given.
     summary_csv : Path or None
         The CSV across configurations (``None`` on ranks other than 0 before merging).
+    prompting : dict or None
+        The prompt rule of the run and what it left out
+        (:meth:`himap_vlm.apps.eval.prompts.PromptPolicy.to_dict`).
     """
 
     task: str
@@ -100,6 +103,7 @@ class EvalResults:
     directory: Path
     configs: list[ConfigResult]
     summary_csv: Path | None = None
+    prompting: dict[str, Any] | None = None
 
     def __getitem__(self, key: int | str) -> ConfigResult:
         if isinstance(key, int):
@@ -168,6 +172,10 @@ class EvalResults:
 
         console = console or Console()
         console.print(self.table())
+        if self.prompting:
+            from himap_vlm.apps.eval.prompts import describe
+
+            console.print(describe(self.prompting), markup=False)
         console.print(f"results: {self.directory}")
         if self.summary_csv is not None:
             console.print(f"summary: {self.summary_csv}")
@@ -179,6 +187,7 @@ class EvalResults:
             "model": self.model,
             "directory": str(self.directory),
             "summary_csv": None if self.summary_csv is None else str(self.summary_csv),
+            "prompting": self.prompting,
             "configs": [c.to_dict() for c in self.configs],
         }
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from himap_vlm.core.methods.spec import MethodSpec, resolve_methods
 
+from ..prompts import PromptPolicy
 from .generation import _batches, _generate_batch, _Progress
 from .merge import _collect, finalize
 from .results import EvalResults
@@ -43,6 +44,7 @@ def evaluate(
     progress: bool = False,
     console: Console | None = None,
     on_record: Callable[[MethodSpec, dict[str, Any]], None] | None = None,
+    instructions: str = "auto",
 ) -> EvalResults:
     """Evaluate every method configuration on ``samples`` and write resumable results.
 
@@ -56,7 +58,9 @@ def evaluate(
         What to evaluate (e.g. ``task.load(data, limit=N)``); ids must be unique.
     methods : str, MethodSpec, PruningMethod, or a sequence of them
         ``"dense,himap(k1=2,r1=0.5,k2=8,r2=0.75),fastv"`` (see :mod:`himap_vlm.core.methods.spec`),
-        specs, or built methods.
+        specs, or built methods. Parsed for the model's depth ``L``: a method named without
+        parameters runs at ``defaults_for(L)``, the paper's setting scaled to ``L`` (unchanged on
+        a 32-layer model).
     out_dir : path
         Root of the results; see the module docstring for the layout.
     batch_size : int
@@ -82,6 +86,10 @@ def evaluate(
         Where the progress bar goes.
     on_record : callable, optional
         Called as ``on_record(spec, record)`` after each record is written and flushed.
+    instructions : {"auto", "task", "none"}
+        Whether the task's answer-format instructions are appended to the questions: see
+        :mod:`himap_vlm.apps.eval.prompts` (``auto``: the model's declared convention, else the
+        task's instructions where the model's tokenizer can spell them).
 
     Returns
     -------
@@ -93,8 +101,9 @@ def evaluate(
     ------
     ValueError
         For duplicate sample ids, a bad batch size, a method that does not fit the model
-        (:class:`~himap_vlm.core.methods.spec.MethodSpecError`), or an output folder holding
-        another configuration.
+        (:class:`~himap_vlm.core.methods.spec.MethodSpecError`), a model whose
+        ``config.image_token_id`` is not a token of its vocabulary, or an output folder holding
+        another configuration or predictions made with other prompts.
     himap_vlm.apps.eval.io.MissingImageError, himap_vlm.apps.eval.io.DataFormatError
         From the task when an image or a record is bad.
     """
@@ -114,13 +123,16 @@ def evaluate(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"two samples share the id {dup!r}; sample ids must be unique")
-    specs = resolve_methods(methods)
+    family = resolve_family(model)
+    num_layers = int(family.text_config(model).num_hidden_layers)
+    specs = resolve_methods(methods, num_layers=num_layers)
     for spec in specs:  # fail before generating anything if a configuration does not fit the model
         spec.build()(model)
+    policy = PromptPolicy(task_obj, processor, model, instructions)
+    prompts = policy.prompts(samples)
     ctx = _dist_context(rank, world_size)
     if merge is None:
         merge = ctx.world_size == 1 or ctx.barrier is not None
-    family = resolve_family(model)
     image_token_id = int(family.image_token_id(model.config))
     try:
         dims: dict[str, Any] | None = dataclasses.asdict(TextDims.from_config(model.config))
@@ -151,11 +163,14 @@ def evaluate(
             "batch_size": batch_size,
             "text_dims": dims,
             "dtype": str(getattr(model, "dtype", "")),
+            "prompting": policy.to_dict(),
         }
         _check_config(directory, config)
         own_part = directory / f"predictions.part{ctx.rank}.jsonl"
         read_predictions(own_part, truncate_partial=True)
-        done = set(_finished_records(directory))
+        finished = _finished_records(directory)
+        _check_prompts(directory, finished, ids, prompts)
+        done = set(finished)
         todo = [batch for batch in _batches(owned, batch_size) if any(ids[i] not in done for i in batch)]
         total += sum(1 for batch in todo for i in batch if ids[i] not in done)
         plans.append((spec, directory, todo, done))
@@ -174,12 +189,12 @@ def evaluate(
                 spec.build()(model) as run,
             ):
                 for batch in todo:
-                    batch_samples = [samples[i] for i in batch]
                     records = _generate_batch(
                         model,
                         processor,
                         task_obj,
-                        batch_samples,
+                        [samples[i] for i in batch],
+                        [prompts[i] for i in batch],
                         max_new_tokens,
                         run,
                         image_token_id,
@@ -202,11 +217,30 @@ def evaluate(
     if ctx.world_size > 1 and ctx.barrier is not None:
         ctx.barrier()
     if merge and ctx.rank == 0:
-        results = finalize(out_dir, task_obj, samples, specs, mname, timings=timings)
+        results = finalize(
+            out_dir, task_obj, samples, specs, mname, timings=timings, prompting=policy.to_dict()
+        )
     else:
         results = None
     if ctx.world_size > 1 and ctx.barrier is not None:
         ctx.barrier()
     if results is None:
         results = _collect(root, task_obj, samples, specs, mname, merged=merge, timings=timings)
+    results.prompting = policy.to_dict()
     return results
+
+
+def _check_prompts(
+    directory: Path,
+    finished: Mapping[str, Mapping[str, Any]],
+    ids: Sequence[str],
+    prompts: Sequence[tuple[str, str | None]],
+) -> None:
+    """Refuse to resume a folder whose finished predictions were asked with other prompts."""
+    for sid, (prompt, _) in zip(ids, prompts, strict=True):
+        rec = finished.get(sid)
+        if rec is not None and "prompt" in rec and rec["prompt"] != prompt:
+            raise ValueError(
+                f"{directory} holds predictions made with another prompt (sample {sid}: {rec['prompt']!r} there, "
+                f"{prompt!r} now; see --instructions); use another output folder or delete that one"
+            )
