@@ -184,6 +184,7 @@ def test_bad_methods_exit_2(model_dir, tmp_path, methods, message):
 
 def test_configuration_rule_at_depth_8_and_skipped_budgets():
     from himap_vlm.apps.demo import demo_configurations
+    from himap_vlm.core.methods.spec import MethodSpecError
 
     configs, skipped = demo_configurations(None, 8)  # every method, the embedded model's depth
     labels = [c.spec.label for c in configs]
@@ -213,27 +214,128 @@ def test_configuration_rule_at_depth_8_and_skipped_budgets():
     ]
     assert skipped == []
     assert [c.paper_default for c in configs].count(True) == 8
-    # explicit configurations run alone; the paper default is recognised; duplicates collapse
-    configs, _ = demo_configurations("fastv(k=2,r=0.5),dense,fastv(k=2,r=0.9),fastv(k=2,r=0.5)", 8)
+    assert all(c.spec.num_layers == 8 for c in configs)
+    # explicit configurations run alone; the paper default is recognised; a budget already listed
+    # is not repeated
+    configs, _ = demo_configurations("fastv(k=2,r=0.5),dense,fastv(k=2,r=0.9)", 8)
     assert [(c.spec.label, c.paper_default) for c in configs] == [
         ("dense", True),
         ("fastv(k=2,r=0.5)", True),
         ("fastv(k=2,r=0.9)", False),
     ]
-    # a depth-3 model: HiMAP's k2=3 does not fit, so its budgets are skipped (and said so)
-    configs, skipped = demo_configurations("himap,vtw", 3)
-    assert [c.spec.label for c in configs] == ["dense", "vtw(k=1)", "vtw(k=2)"]
+    configs, _ = demo_configurations("fastv(r=0.9),fastv", 8)
+    assert [c.spec.label for c in configs] == ["dense", "fastv(r=0.9)", "fastv(k=2,r=0.5)", "fastv(k=2,r=0.75)"]
+    # the one spec syntax, as himap eval reads it: a configuration twice is an error
+    with pytest.raises(MethodSpecError, match="same configuration"):
+        demo_configurations("fastv(k=2,r=0.5),fastv(k=2,r=0.5)", 8)
+    # a depth-3 model: HiMAP's k2=3 does not fit; with every method its configurations are
+    # skipped (and said so), named explicitly it is refused
+    configs, skipped = demo_configurations(None, 3)
+    assert "himap" not in {c.spec.name for c in configs}
+    assert [c.spec.label for c in configs if c.spec.name == "vtw"] == ["vtw(k=1)", "vtw(k=2)"]
     assert len(skipped) == 3 and all("k2=3 is out of range" in s["reason"] for s in skipped)
+    assert not any(s["reason"].startswith("himap: himap:") for s in skipped)
+    with pytest.raises(MethodSpecError, match="k2=3 is out of range"):
+        demo_configurations("himap,vtw", 3)
 
 
-def test_synthetic_samples_use_the_trained_prompt_format():
+@pytest.fixture
+def extra_method(monkeypatch):
+    """A method registered for one test only (the registry restored afterwards)."""
+    from dataclasses import dataclass
+
+    from himap_vlm.core.interface import PruneStep
+    from himap_vlm.core.methods import registry
+    from himap_vlm.core.methods.base import PruningMethod, kept_count, top_k_indices
+    from himap_vlm.core.methods.params import layer, ratio
+
+    monkeypatch.setattr(registry, "_CLASSES", dict(registry._CLASSES))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+
+    @registry.register("firstkeep")
+    @dataclass(frozen=True)
+    class FirstKeep(PruningMethod):
+        rank = 15  # between himap (10) and fastv (20)
+
+        k: int = layer(3, doc="pruning layer")
+        r: float = ratio(0.5, doc="fraction pruned")
+
+        @classmethod
+        def defaults_for(cls, num_layers):
+            """k = L // 4, r = 0.6 (the demo reads this line)."""
+            return {"k": max(1, num_layers // 4), "r": 0.6}
+
+        @classmethod
+        def budgets(cls, num_layers):
+            """r in {0.8} and a layer the model may not have."""
+            return [{"k": max(1, num_layers // 4), "r": 0.8}, {"k": 6, "r": 0.8}]
+
+        def steps(self):
+            return [PruneStep(self.k)]
+
+        def kept_after(self, step, num_image, num_image_input):
+            return kept_count(num_image, self.r)
+
+        def select(self, x):
+            return top_k_indices(-torch.arange(x.num_image, dtype=torch.float), self.kept_after(0, x.num_image, 0))
+
+    return FirstKeep
+
+
+def test_a_new_method_file_appears_in_the_demo_with_no_edit(extra_method):
+    """Configurations and the rule shown to users come from the registry (issue 15)."""
+    import himap_vlm.apps.demo as demo
+    from himap_vlm.apps.demo import configuration_rule, demo_configurations
+    from himap_vlm.apps.demo.configs import rule_lines
+
+    assert not hasattr(demo, "method_budgets") and not hasattr(demo, "CONFIG_RULE")  # no per-method table
+    configs, skipped = demo_configurations(None, 4)
+    labels = [c.spec.label for c in configs]
+    assert labels[:6] == [
+        "dense",
+        "himap(k1=2,r1=0.5,k2=3,r2=0.75)",
+        "himap(k1=2,r1=0.75,k2=3,r2=0.9)",
+        "himap(k1=2,r1=0.9,k2=3,r2=0.95)",
+        "firstkeep(k=1,r=0.6)",  # defaults_for(4), in the registry's listing order
+        "firstkeep(k=1,r=0.8)",  # budgets(4)
+    ]
+    assert labels[6] == "fastv(k=2,r=0.5)"
+    assert skipped == [
+        {"label": "firstkeep(k=6,r=0.8)", "reason": skipped[0]["reason"]}
+    ] and "k=6 is out of range" in skipped[0]["reason"]
+    rule = {r["method"]: r for r in configuration_rule(4)}
+    assert list(rule)[:3] == ["dense", "himap", "firstkeep"]
+    assert rule["firstkeep"]["defaults_rule"] == "k = L // 4, r = 0.6 (the demo reads this line)"
+    assert rule["firstkeep"]["default"] == "firstkeep(k=1,r=0.6)"
+    assert rule["firstkeep"]["budgets"][0] == "firstkeep(k=1,r=0.8)"
+    assert "does not fit" in rule["firstkeep"]["budgets"][1]
+    assert rule["dense"]["defaults_rule"] is None and rule["dense"]["budgets"] == []
+    assert rule["fastv"]["default"] == "fastv(k=2,r=0.5,criterion=last_token)"  # full labels
+    lines = rule_lines(configuration_rule(4), 4)
+    assert any(line.startswith("firstkeep: defaults_for(4) [k = L // 4") for line in lines)
+
+
+def test_the_rule_is_recorded_and_printed(demo_run):
+    out, res = demo_run
+    data = json.loads((out / "demo.json").read_text())
+    rule = data["settings"]["rule"]
+    assert [r["method"] for r in rule] == ["dense", "himap", "fastv"]
+    assert rule[1]["default"] == "himap(k1=2,r1=0.5,k2=3,r2=0.75,swap_criteria=false)"
+    assert "max(3, L//4)" in rule[1]["defaults_rule"]
+    text = " ".join(res.output.split())
+    assert "from the method registry" in text and "himap: defaults_for(4)" in text
+
+
+def test_demo_asks_the_questions_of_the_synthetic_task():
+    """The demo's questions are ``himap eval --task synthetic``'s (same ids, images and prompts)."""
     from himap_vlm.apps.demo import synthetic_samples
     from himap_vlm.apps.eval.tasks import get_task
 
     samples = synthetic_samples(10, 16)  # below the 24 px the 3 x 3 grid needs: drawn at 24
-    task = get_task("synthetic")
+    task = get_task("synthetic", image_size=16)
     assert samples[0].load_image().size == (24, 24)
     assert [s.meta["family"] for s in samples[:5]] == ["exists", "attribute", "count", "spatial", "choice"]
-    for s in samples:
-        assert task.prompt(s) == s.question  # no instruction appended: the question as trained
+    loaded = task.load(limit=10)
+    assert [(s.id, s.question, s.answer) for s in loaded] == [(s.id, s.question, s.answer) for s in samples]
     assert [s.id for s in synthetic_samples(4, 48)] == [s.id for s in samples[:4]]
+    assert "prompt" not in samples[0].meta  # no demo-only prompt: the prompt rule decides

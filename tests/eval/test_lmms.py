@@ -160,3 +160,23 @@ def test_with_real_lmms_eval(env, docs):  # pragma: no cover - optional dependen
         for i, d in enumerate(docs)
     ]
     assert len(lm.generate_until(requests)) == len(docs)
+
+
+def test_method_read_by_the_spec_syntax_with_the_model_depth(env, docs):
+    """Parameters left out take defaults_for(L) of the loaded model (L=4 here), as himap eval reads them."""
+    lm = _wrapper(env, docs, method="himap")
+    assert lm.spec.config == {"k1": 2, "r1": 0.5, "k2": 3, "r2": 0.75, "swap_criteria": False}
+    lm = _wrapper(env, docs, method="himap(k1=1,r1=0.5)", k1=3, k2=2)  # a whole spec; parentheses win
+    assert lm.spec.config["k1"] == 1 and lm.spec.config["k2"] == 2 and lm.spec.config["r2"] == 0.75
+    lm = HimapEvalModel.create_from_arg_string(
+        f"pretrained={env.model_dir},method=vtw,dtype=float32", {"device": "cpu"}
+    )
+    assert lm.spec.label == "vtw" and lm.spec.config == {"k": 2}
+    lm = HimapEvalModel.create_from_arg_string(
+        f"pretrained={env.model_dir},method=fastv,criterion=mean_received,r=5e-1,dtype=float32", {"device": "cpu"}
+    )
+    assert lm.spec.config == {"k": 2, "r": 0.5, "criterion": "mean_received"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        HimapEvalModel.create_from_arg_string(f"pretrained={env.model_dir},fastv")
+    with pytest.raises(MethodSpecError, match="does not take 'q'"):
+        HimapEvalModel.create_from_arg_string(f"pretrained={env.model_dir},method=fastv,q=1")

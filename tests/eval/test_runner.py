@@ -345,3 +345,19 @@ def test_cli_bad_methods(env, tmp_path):
     assert "k=9 is out of range for this model" in out
     out = _cli_error(_eval_args(env, env.data_dir / "nope", tmp_path))
     assert "does not exist" in out
+
+
+def test_bare_names_take_defaults_for_the_model_depth(env, samples, tmp_path):
+    """On the 4-layer tiny model ``himap`` is defaults_for(4) (k2=3), as bench and demo read it --
+    not the 32-layer constructor default (k2=8), which does not even fit."""
+    two = samples[:2]
+    results = evaluate(env.model, env.processor, "synthetic", two, "dense,himap,vtw", tmp_path, max_new_tokens=1)
+    assert [c.slug for c in results.configs] == ["dense", "himap_k1-2_r1-0.5_k2-3_r2-0.75", "vtw_k-2"]
+    assert results.configs[1].config == {"k1": 2, "r1": 0.5, "k2": 3, "r2": 0.75, "swap_criteria": False}
+    again = finalize(tmp_path, "synthetic", two, "dense,himap,vtw", results.model, num_layers=4)
+    assert [c.slug for c in again.configs] == [c.slug for c in results.configs]
+    assert [c.n_samples for c in again.configs] == [2, 2, 2]
+    args = _eval_args(env, env.data_dir, tmp_path / "cli", "--methods", "himap", "--limit", "2")
+    res = cli.invoke(app, ["eval", *args, "--max-new-tokens", "1", "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [c["slug"] for c in json.loads(res.stdout)["configs"]] == ["himap_k1-2_r1-0.5_k2-3_r2-0.75"]

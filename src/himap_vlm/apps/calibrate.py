@@ -23,7 +23,7 @@ from torch import nn
 
 from himap_vlm.apps.prompting import build_inputs, to_model
 from himap_vlm.core.families import resolve_family
-from himap_vlm.core.methods.vtw import VTW
+from himap_vlm.core.methods.spec import MethodSpec
 
 KLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,6 +109,17 @@ def candidate_layers(num_layers: int, start: int = 5, stop: int | None = None) -
     return list(range(start, stop + 1))
 
 
+def vtw_spec(layer: int, num_layers: int | None = None) -> MethodSpec:
+    """VTW withdrawing at ``layer``, in the one spec syntax (``vtw(k=5)``), checked against the depth.
+
+    Raises
+    ------
+    himap_vlm.core.methods.spec.MethodSpecError
+        When ``layer`` is not a layer of a ``num_layers``-layer model.
+    """
+    return MethodSpec("vtw", {"k": int(layer)}, num_layers)
+
+
 @torch.no_grad()
 def _last_logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     out = model(**batch, use_cache=False, logits_to_keep=1)
@@ -133,6 +144,8 @@ def vtw_kl_curve(
     forwards : int
         Model forwards run.
     """
+    num_layers = int(resolve_family(model).text_config(model).num_hidden_layers)
+    withdrawn_at = {int(d): vtw_spec(int(d), num_layers).build() for d in candidates}  # checked up front
     per_sample: list[list[float]] = []
     forwards = 0
     for batch in batches:
@@ -142,7 +155,7 @@ def vtw_kl_curve(
             progress(1)
         rows = [[] for _ in range(dense.shape[0])]
         for d in candidates:
-            with VTW(k=int(d))(model):
+            with withdrawn_at[int(d)](model):
                 withdrawn = _last_logits(model, batch)
             forwards += 1
             for i, value in enumerate(kl(withdrawn, dense).tolist()):
@@ -194,7 +207,9 @@ def calibrate_vtw(
     Raises
     ------
     ValueError
-        For an empty sample list, a bad ``eta``/``batch_size``, or candidates outside the model.
+        For an empty sample list, a bad ``eta``/``batch_size``, candidates outside the model, or
+        a model whose ``config.image_token_id`` is not a token of its vocabulary (the engine's
+        check, before any forward).
     """
     if not samples:
         raise ValueError("calibrate_vtw needs at least one sample")
@@ -205,6 +220,7 @@ def calibrate_vtw(
     family = resolve_family(model)
     num_layers = len(getattr(family.decoder(model), family.layers_attr))
     candidates = candidate_layers(num_layers, start, stop)
+    vtw_spec(candidates[0], num_layers).build()(model)  # the engine's image-token check, before any forward
     for i, rec in enumerate(samples):
         if "question" not in rec or "image" not in rec:
             raise ValueError(f"sample {i} needs 'image' and 'question' fields; got {sorted(rec)}")

@@ -7,16 +7,93 @@ The prompt is the processor's chat template when it has one (a user turn with on
 image, then the question, plus the generation prompt); otherwise LLaVA-1.5's format
 ``"USER: <image>\\n{question} ASSISTANT:"``. A question that already contains the processor's
 image token is used as written.
+
+Question conventions
+--------------------
+A model may declare how it was trained to read questions, so that the convention travels with
+the model's files: ``question_convention`` in its ``tokenizer_config.json`` (kept by the
+tokenizer's ``save_pretrained``), or in its ``config.json``, or set as an attribute of the
+processor. Values (:data:`QUESTION_CONVENTIONS`): ``"task"`` -- the evaluation task's
+answer-format instructions are appended (LLaVA-1.5's convention, what the papers evaluate);
+``"plain"`` -- the question as written, no instruction appended (a model trained on bare
+questions). :func:`declared_question_convention` reads it; :mod:`himap_vlm.apps.eval.prompts`
+applies it, with :func:`unreadable_words` for models that declare nothing.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
+
+__all__ = [
+    "QUESTION_CONVENTIONS",
+    "build_inputs",
+    "build_prompt",
+    "declared_question_convention",
+    "image_token",
+    "to_model",
+    "unreadable_words",
+]
 
 import torch
 
 DEFAULT_IMAGE_TOKEN = "<image>"
+QUESTION_CONVENTION_KEY = "question_convention"
+QUESTION_CONVENTIONS = ("task", "plain")
+"""Values of a model's declared question convention (see the module docstring)."""
+
+
+def declared_question_convention(processor: Any, model: Any = None) -> tuple[str, str] | None:
+    """The question convention a model declares, and where: ``(convention, source)`` or ``None``.
+
+    Looked up in order: the processor's ``question_convention`` attribute, its tokenizer's
+    ``tokenizer_config.json`` (``init_kwargs``), ``model.config``.
+
+    Raises
+    ------
+    ValueError
+        For a declared value that is not one of :data:`QUESTION_CONVENTIONS`.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    init_kwargs = getattr(tokenizer, "init_kwargs", None)
+    places = [
+        ("processor attribute", getattr(processor, QUESTION_CONVENTION_KEY, None)),
+        ("tokenizer_config.json", init_kwargs.get(QUESTION_CONVENTION_KEY) if isinstance(init_kwargs, dict) else None),
+        ("config.json", getattr(getattr(model, "config", None), QUESTION_CONVENTION_KEY, None)),
+    ]
+    for where, value in places:
+        if value is None:
+            continue
+        if value not in QUESTION_CONVENTIONS:
+            raise ValueError(
+                f"the model declares {QUESTION_CONVENTION_KEY}={value!r} ({where}); expected one of "
+                f"{', '.join(QUESTION_CONVENTIONS)}"
+            )
+        return str(value), f"{QUESTION_CONVENTION_KEY}={value!r} in the model's {where}"
+    return None
+
+
+def unreadable_words(processor: Any, text: str) -> list[str]:
+    """Words of ``text`` that ``processor``'s tokenizer turns into its unknown token (in order, unique).
+
+    Empty for byte-level tokenizers (every text is spelled) and for tokenizers without an unknown
+    token; a closed-vocabulary tokenizer (the shipped tiny LLaVA's) cannot spell words it was not
+    built with.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not callable(tokenizer):
+        return []
+    out: list[str] = []
+    for word in re.findall(r"[^\W_](?:[\w']*\w)?|[^\w\s]", text):
+        try:
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a word cannot spell it
+            ids = [unk]
+        if unk in ids and word not in out:
+            out.append(word)
+    return out
 
 
 def image_token(processor: Any) -> str:

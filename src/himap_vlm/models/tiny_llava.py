@@ -127,7 +127,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     -------
     transformers.PreTrainedTokenizerFast
         With ``pad``/``unk``/``bos``/``eos`` tokens, ``<image>`` as a special token, left
-        padding and :data:`CHAT_TEMPLATE`.
+        padding, :data:`CHAT_TEMPLATE` and ``question_convention="plain"`` (see
+        :func:`himap_vlm.apps.prompting.declared_question_convention`).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -148,6 +149,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         bos_token=BOS,
         eos_token=EOS,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
+        question_convention="plain",  # trained on bare questions: no task instruction appended
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     fast.padding_side = "left"

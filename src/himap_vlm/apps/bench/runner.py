@@ -45,17 +45,6 @@ __all__ = ["run_benchmark"]
 _REEXPORTED = (Measurement, RowSpec, greedy_generate)
 
 
-def default_method_args(name: str, num_layers: int) -> dict[str, Any]:
-    """Deprecated: ``get_method(name).defaults_for(num_layers)``, which this only forwards to.
-
-    Kept (without a table of its own) while :mod:`himap_vlm.apps.demo` still imports it; delete it
-    once nothing does.
-    """
-    from himap_vlm.core.methods import get_method
-
-    return dict(get_method(name).defaults_for(num_layers))
-
-
 def _environment(device: torch.device) -> dict[str, Any]:
     import transformers
 

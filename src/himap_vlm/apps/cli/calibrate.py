@@ -22,7 +22,8 @@ from typing import Annotated
 import typer
 
 from himap_vlm.apps.cli._app import app
-from himap_vlm.apps.cli._common import fail, load_model
+from himap_vlm.apps.cli._common import load_model
+from himap_vlm.apps.eval.preflight import fail
 
 calibrate_app = typer.Typer(
     help="Calibrate a method on a few samples (e.g. VTW's withdrawal layer).", no_args_is_help=True
@@ -32,7 +33,9 @@ app.add_typer(calibrate_app, name="calibrate")
 
 @calibrate_app.command("vtw")
 def calibrate_vtw_command(
-    model: Annotated[str, typer.Option("--model", help="Local model directory (or hub id when online).")],
+    model: Annotated[
+        str, typer.Option("--model", help="Local model directory, a named model (tiny-llava), or a hub id when online.")
+    ],
     data: Annotated[Path, typer.Option("--data", help="JSON/JSONL calibration records (image, question).")],
     eta: Annotated[float, typer.Option("--eta", help="KL threshold (0.003 for LLaVA-1.5-7B).")] = 0.003,
     start: Annotated[int, typer.Option("--start", help="First candidate withdrawal layer (paper: 5).")] = 5,
@@ -51,18 +54,39 @@ def calibrate_vtw_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from himap_vlm.apps.calibrate import calibrate_vtw
+    from himap_vlm.apps.calibrate import calibrate_vtw, candidate_layers
     from himap_vlm.apps.data.synthetic import read_jsonl
+    from himap_vlm.apps.eval.preflight import (
+        PreflightError,
+        check_image_tokens,
+        model_config,
+        model_depth,
+        resolve_model_path,
+    )
 
     try:
         records = read_jsonl(data)
     except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+        fail(exc)
     if limit is not None:
         records = records[:limit]
     if not records:
         fail(f"{data} holds no records")
-    net, processor = load_model(model, attn_implementation, dtype)
+    try:  # what the files can tell, before the weights are loaded
+        source = resolve_model_path(model)
+        num_layers = model_depth(model_config(source))
+        if num_layers is not None:
+            candidate_layers(num_layers, start, stop)
+    except ValueError as exc:  # PreflightError included
+        fail(exc)
+    try:
+        net, processor = load_model(source, attn_implementation, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        fail(f"cannot load the model from {model!r}: {exc}")
+    try:
+        check_image_tokens(net, processor)
+    except PreflightError as exc:
+        fail(exc)
     err = Console(stderr=True)
     with Progress(
         TextColumn("[bold]VTW calibration"),
@@ -83,7 +107,7 @@ def calibrate_vtw_command(
                 net, processor, records, eta=eta, start=start, stop=stop, batch_size=batch_size, progress=progress
             )
         except ValueError as exc:
-            fail(str(exc))
+            fail(exc)
     out = result.to_dict()
     out["model"] = model
     out["data"] = str(data)
@@ -112,7 +136,12 @@ def _print_curve(result: dict) -> None:
             f"[bold red]No candidate layer reaches KL <= {result['eta']:g}[/]: raise --eta or use more layers."
         )
     else:
+        from himap_vlm.apps.calibrate import vtw_spec
+
+        spec = vtw_spec(result["layer"]).label
         console.print(
-            f"withdrawal layer K = [bold]{result['layer']}[/]  (use: himap generate --method vtw --k {result['layer']})"
+            f"withdrawal layer K = [bold]{result['layer']}[/]  (use: himap eval/demo --methods \"{spec}\", "
+            f"or himap generate --method vtw --k {result['layer']})",
+            highlight=False,
         )
     console.print(f"[dim]{result['forwards']} forwards[/]")

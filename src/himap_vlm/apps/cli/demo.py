@@ -9,7 +9,10 @@ Examples
     himap demo --methods "himap,fastv(k=2,r=0.9)"   # a name alone: paper default + budgets
     himap demo --model runs/tiny-llava/final     # another model (e.g. from scripts/train_tiny_llava.py)
 
-See :mod:`himap_vlm.apps.demo` for what is measured and how the configurations are chosen.
+See :mod:`himap_vlm.apps.demo` for what is measured and how the configurations are chosen (every
+registered method at ``defaults_for(L)`` plus its ``budgets(L)``). Bad input (a method spec, an
+``--out`` that cannot be written, a model whose ``image_token_id`` is unusable) is reported on one
+line with exit status 2, before the model is loaded where the files allow.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import typer
 
 from himap_vlm.apps.cli._app import app
-from himap_vlm.apps.cli._common import fail, load_model
+from himap_vlm.apps.cli._common import load_model
 from himap_vlm.apps.demo import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
@@ -29,6 +32,7 @@ from himap_vlm.apps.demo import (
     DEFAULT_TIMING_REPEATS,
     DEFAULT_TIMING_SAMPLES,
 )
+from himap_vlm.apps.eval.preflight import fail
 
 SMALL_MODEL_PARAMETERS = 100_000_000
 """Below this many parameters the demo runs on one CPU thread unless ``--threads`` says otherwise."""
@@ -51,13 +55,13 @@ def demo_command(
         [],
         "--methods",
         help=(
-            "Comma-separated methods (default: all). A name alone runs its paper default scaled to the "
-            'model depth plus two budgets; NAME(KEY=VALUE,...) runs that configuration only, e.g. "fastv(k=2,r=0.9)". '
-            "Dense is always run."
+            "Comma-separated methods (default: every registered method). A name alone runs its defaults_for(L) "
+            "(paper setting scaled to the model depth) plus its budgets(L); NAME(KEY=VALUE,...) runs that "
+            'configuration only, e.g. "fastv(k=2,r=0.9)". Dense is always run.'
         ),
     ),
-    model: Path | None = typer.Option(
-        None, "--model", help="A model directory to use instead of the embedded tiny LLaVA."
+    model: str | None = typer.Option(
+        None, "--model", help="A model directory (or named model) to use instead of the embedded tiny LLaVA."
     ),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Questions per generate call."
@@ -87,6 +91,9 @@ def demo_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while it runs."),
     as_json: bool = typer.Option(False, "--json", help="Print demo.json's content instead of the table."),
+    instructions: str = typer.Option(
+        "auto", "--instructions", help="auto, task or none: the prompt rule of `himap eval --instructions`."
+    ),
 ) -> None:
     """Evaluate dense and the pruning methods on held-out questions: accuracy, FLOPs, measured speedup.
 
@@ -99,7 +106,16 @@ def demo_command(
     from rich.console import Console
 
     import himap_vlm.assets as assets
-    from himap_vlm.apps.demo import run_demo
+    from himap_vlm.apps.demo import demo_configurations, run_demo
+    from himap_vlm.apps.eval.preflight import (
+        PreflightError,
+        check_image_tokens,
+        check_output_dir,
+        model_config,
+        model_depth,
+        resolve_model_path,
+    )
+    from himap_vlm.apps.eval.prompts import INSTRUCTION_MODES
     from himap_vlm.core.methods.spec import MethodSpecError
 
     embedded = model is None
@@ -107,15 +123,30 @@ def demo_command(
         path = assets.tiny_llava_path()
         if not assets.has_tiny_llava(path):
             fail(MISSING_MODEL)
-    else:
-        path = model
+    if instructions not in INSTRUCTION_MODES:
+        fail(f"--instructions must be one of {', '.join(INSTRUCTION_MODES)}; got {instructions!r}")
+    try:  # what the files can tell, before the weights are loaded
+        check_output_dir(out)
+        path = Path(resolve_model_path(model)) if model is not None else path
         if not path.exists():
             fail(f"model path {str(path)!r} does not exist")
+        num_layers = model_depth(model_config(str(path)))
+        if num_layers is not None:
+            demo_configurations(methods or None, num_layers)
+    except (MethodSpecError, PreflightError) as exc:
+        fail(exc)
     if threads:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     with console.status(f"loading {'the embedded model' if embedded else path}", spinner="dots"):
-        net, processor = load_model(str(path))
+        try:
+            net, processor = load_model(str(path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            fail(f"cannot load the model from {str(path)!r}: {exc}")
+    try:
+        check_image_tokens(net, processor)
+    except PreflightError as exc:
+        fail(exc)
     if threads is None and sum(p.numel() for p in net.parameters()) < SMALL_MODEL_PARAMETERS:
         # A tiny model runs many small kernels: extra threads only add synchronisation, and on a
         # busy machine a descheduled thread stalls every kernel (measured: minutes instead of seconds).
@@ -138,11 +169,10 @@ def demo_command(
             progress=progress,
             console=console,
             command=["himap", *sys.argv[1:]],
+            instructions=instructions,
         )
-    except MethodSpecError as exc:
-        fail(str(exc))
-    except ValueError as exc:
-        fail(str(exc))
+    except (ValueError, OSError) as exc:  # MethodSpecError included
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1, default=str))
     else:

@@ -8,11 +8,18 @@
         --tasks scienceqa_img,pope --batch_size 8
     accelerate launch --num_processes 4 -m lmms_eval --model himap --model_args ... --tasks ...
 
-``model_args``: ``pretrained`` (local folder or hub id), ``method`` (any registered method,
-default ``dense``), the method's parameters (``k1``, ``r1``, ``k``, ``r``, ``seed``, ...), and
-optionally ``dtype`` (``float32``, ``bfloat16``, ``float16``, ``auto``: the checkpoint's),
-``attn_implementation``, ``device``, ``max_new_tokens`` (when a task sets none; default 1024,
-as lmms-eval's models), ``batch_size``.
+``model_args``: ``pretrained`` (local folder, named model such as ``tiny-llava``, or hub id),
+``method`` (any registered method, default ``dense``), the method's parameters (``k1``, ``r1``,
+``k``, ``r``, ``seed``, ...), and optionally ``dtype`` (``float32``, ``bfloat16``, ``float16``,
+``auto``: the checkpoint's), ``attn_implementation``, ``device``, ``max_new_tokens`` (when a task
+sets none; default 1024, as lmms-eval's models), ``batch_size``.
+
+The method and its parameters are read by the one spec syntax of every himap command
+(:mod:`himap_vlm.core.methods.spec`): ``method=himap,k1=2,r1=0.5`` is the configuration
+``himap(k1=2,r1=0.5)``, values read as there, and parameters left out take the method's
+``defaults_for(L)`` for the loaded model's depth ``L`` (the paper setting; scaled on models
+that are not 32 layers deep), as ``himap eval`` does. From Python, ``method`` may also be a
+whole configuration (``HimapEvalModel(..., method="himap(k1=2,r1=0.5)")``).
 
 Registration
 ------------
@@ -60,6 +67,10 @@ __all__ = ["CLASS_PATH", "MODEL_ID", "HimapEvalModel", "manifest"]
 MODEL_ID = "himap"
 CLASS_PATH = "himap_vlm.apps.integrations.lmms_eval.HimapLMMS"
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+MODEL_ARGS = frozenset(
+    {"pretrained", "method", "batch_size", "max_batch_size", "device", "dtype", "attn_implementation", "max_new_tokens"}
+)
+"""``model_args`` keys that are the model's own; every other key is a parameter of the method."""
 _log = logging.getLogger("himap.lmms_eval")
 
 
@@ -117,7 +128,8 @@ class HimapEvalModel:
     pretrained : str
         Local model folder or hub id (a supported architecture).
     method : str
-        A registered method name (``dense``, ``himap``, ``fastv``, ``random``, ``vtw``, ...).
+        A registered method name (``dense``, ``himap``, ``fastv``, ``random``, ``vtw``, ...) or a
+        configuration in the spec syntax (``"himap(k1=2,r1=0.5)"``).
     batch_size : int
         Requests per ``generate`` call (left padding); lmms-eval passes its ``--batch_size``.
     device : str, optional
@@ -134,7 +146,8 @@ class HimapEvalModel:
     processor : optional
         Its processor.
     **method_params
-        The method's parameters (``k1=2, r1=0.5, ...``); lmms-eval's ``max_batch_size`` is ignored.
+        The method's parameters (``k1=2, r1=0.5, ...``; those in ``method``'s parentheses win);
+        left out: ``defaults_for(L)`` of the model's depth. lmms-eval's ``max_batch_size`` is ignored.
 
     Attributes
     ----------
@@ -173,7 +186,9 @@ class HimapEvalModel:
         from himap_vlm.core.methods.spec import MethodSpec
 
         method_params.pop("max_batch_size", None)
-        self.spec = MethodSpec(str(method), {k.replace("-", "_"): v for k, v in method_params.items()})
+        given = MethodSpec.parse(str(method))  # the one spec syntax: NAME or NAME(KEY=VALUE,...)
+        params = {**{k.replace("-", "_"): v for k, v in method_params.items()}, **given.params}
+        MethodSpec(given.name, params)  # unknown parameters and refused values, before loading the model
         if not hasattr(self, "task_dict"):
             self.task_dict: dict[str, Any] = {}
         self._rank, self._world_size = 0, 1
@@ -191,7 +206,9 @@ class HimapEvalModel:
         if model is None:
             if pretrained is None:
                 raise ValueError("pass pretrained=<model folder or hub id>")
-            model, processor = _load_pretrained(str(pretrained), str(dtype), attn_implementation)
+            from himap_vlm.models import resolve_model
+
+            model, processor = _load_pretrained(resolve_model(str(pretrained)), str(dtype), attn_implementation)
         elif processor is None:
             raise ValueError("pass processor= with model=")
         self._model = model.to(self._device)
@@ -202,6 +219,8 @@ class HimapEvalModel:
         except (TypeError, ValueError):
             self.batch_size_per_gpu = 1  # "auto": lmms-eval's automatic batch size is not supported
         self.max_new_tokens = int(max_new_tokens)
+        num_layers = int(resolve_family(self._model).text_config(self._model).num_hidden_layers)
+        self.spec = MethodSpec(given.name, params, num_layers)  # defaults_for(L); checked against the depth
         self.spec.build()(self._model)  # refuse a configuration that does not fit before any request
         self.image_token_id = int(resolve_family(self._model).image_token_id(self._model.config))
         self.image_tokens_per_layer: list[list[int]] = []
@@ -240,16 +259,36 @@ class HimapEvalModel:
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HimapEvalModel:
-        """Build from ``"pretrained=...,method=himap,k1=2"`` as lmms-eval does."""
-        from himap_vlm.core.methods.spec import coerce_value
+        """Build from ``"pretrained=...,method=himap,k1=2"`` as lmms-eval does.
 
+        The model's own arguments (:data:`MODEL_ARGS`) are taken as given; every other ``KEY=VALUE``
+        is a parameter of ``method``, read by the spec syntax: ``method=himap,k1=2,r1=0.5`` is
+        ``himap(k1=2,r1=0.5)``.
+
+        Raises
+        ------
+        ValueError
+            For an entry that is not ``KEY=VALUE``; :class:`~himap_vlm.core.methods.spec.MethodSpecError`
+            for a method configuration that does not parse.
+        """
         args: dict[str, Any] = {}
+        method_pairs: list[str] = []
         for part in arg_string.split(","):
-            if part.strip():
-                key, _, value = part.partition("=")
-                args[key.strip()] = coerce_value(value)
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"model_args: expected KEY=VALUE entries separated by commas; got {part.strip()!r}")
+            if key in MODEL_ARGS:
+                args[key] = value.strip()
+            else:
+                method_pairs.append(f"{key}={value.strip()}")
+        method = args.pop("method", "dense")
+        if method_pairs:
+            method = f"{method}({','.join(method_pairs)})"
         args.update({k: v for k, v in (additional_config or {}).items() if v is not None})
-        return cls(**args)
+        return cls(method=method, **args)
 
     # ------------------------------------------------------------------ requests
     def _document(self, task: str, split: str, doc_id: Any) -> Any:
@@ -377,10 +416,10 @@ class HimapEvalModel:
                 tokenizer.padding_side = previous
 
     def _record(self, run: Any, inputs: Any) -> None:
-        from himap_vlm.apps.eval.runner import _layouts
+        from himap_vlm.apps.eval.runner import prompt_layouts
 
         mask = inputs.get("attention_mask")
-        layouts = _layouts(
+        layouts = prompt_layouts(
             inputs["input_ids"].cpu(), None if mask is None else mask.cpu(), self.image_token_id
         )
         for b, layout in enumerate(layouts):
@@ -391,7 +430,7 @@ class HimapEvalModel:
         """Prefill FLOPs relative to dense over the requests served so far (``exact`` or ``paper``)."""
         import dataclasses
 
-        from himap_vlm.apps.eval.runner import _flops
+        from himap_vlm.apps.eval.runner import flops_ratios
         from himap_vlm.apps.flops import TextDims
 
         if not self.layouts:
@@ -404,7 +443,7 @@ class HimapEvalModel:
             {"layout": lay, "image_tokens_per_layer": counts}
             for lay, counts in zip(self.layouts, self.image_tokens_per_layer, strict=True)
         ]
-        exact, paper = _flops(records, dims)
+        exact, paper = flops_ratios(records, dims)
         return exact if convention == "exact" else paper
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:

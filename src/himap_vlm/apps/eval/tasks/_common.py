@@ -96,6 +96,10 @@ class MultipleChoiceTask(Task):
             body = "\n".join(parts)
         return f"{body}\n{self.instruction}"
 
+    def answer_instruction(self, sample: Sample) -> str | None:
+        """The letter instruction (always appended)."""
+        return self.instruction
+
     def parse(self, sample: Sample, generated_text: str) -> str | None:
         """The chosen letter (``None`` if none can be read, which scores as wrong)."""
         return parse_option_letter(generated_text, sample.meta.get("choices") or None)

@@ -6,7 +6,10 @@ A task knows four things, each from the paper/benchmark it reproduces:
    an image folder), the benchmark's own release files, or a Hugging Face dataset (a folder
    written by ``save_to_disk``, or a hub id for ``datasets.load_dataset``);
 2. the user-turn text the papers sent to the model (:meth:`Task.prompt`), *without* chat
-   template or image placeholder, which the runner adds for the model at hand;
+   template or image placeholder, which the runner adds for the model at hand, and which part of
+   it is an answer-format instruction the task appends (:meth:`Task.answer_instruction`: a model
+   trained on another question convention is asked without it, see
+   :mod:`himap_vlm.apps.eval.prompts`);
 3. how to read a prediction out of the generated text (:meth:`Task.parse`);
 4. the official metric (:meth:`Task.metrics`).
 
@@ -36,6 +39,7 @@ from typing import Any, ClassVar, TypeAlias
 from PIL import Image
 
 from ..io import DataFormatError, MissingImageError, is_saved_hf_dataset, open_hf_dataset
+from ..metrics.choice import MC_INSTRUCTION
 
 __all__ = [
     "Sample",
@@ -43,12 +47,16 @@ __all__ = [
     "ImageSource",
     "DataSource",
     "SHORT_ANSWER_INSTRUCTION",
+    "ANSWER_INSTRUCTIONS",
     "CAPTION_PROMPT",
     "strip_suffix",
 ]
 
 #: LLaVA-1.5's instruction for short-answer VQA (VQAv2, GQA, TextVQA, POPE, MME).
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+#: Answer-format instructions of LLaVA-1.5's evaluation that tasks append to questions (what
+#: :meth:`Task.answer_instruction` recognises by default).
+ANSWER_INSTRUCTIONS: tuple[str, ...] = (SHORT_ANSWER_INSTRUCTION, MC_INSTRUCTION)
 #: The captioning prompt of lmms-eval's NoCaps/Flickr30k tasks.
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
@@ -278,6 +286,30 @@ class Task(ABC):
     @abstractmethod
     def prompt(self, sample: Sample) -> str:
         """The user-turn text of the papers' evaluation, without chat template or image token."""
+
+    def answer_instruction(self, sample: Sample) -> str | None:
+        """The answer-format instruction :meth:`prompt` appends to this sample's question, or ``None``.
+
+        An instruction the *task* adds by the papers' protocol (LLaVA-1.5's "Answer the question
+        using a single word or phrase."), not text of the data. The runner leaves it out for a
+        model with another question convention (:mod:`himap_vlm.apps.eval.prompts`). Default:
+        the prompt's last line when it is one of :data:`ANSWER_INSTRUCTIONS` and follows a
+        question.
+        """
+        prompt = self.prompt(sample).rstrip()
+        for instruction in ANSWER_INSTRUCTIONS:
+            if prompt.endswith("\n" + instruction) and prompt[: -len(instruction)].strip():
+                return instruction
+        return None
+
+    def prompt_without_instruction(self, sample: Sample) -> str:
+        """:meth:`prompt` without its :meth:`answer_instruction` (the question as the data has it)."""
+        prompt = self.prompt(sample)
+        instruction = self.answer_instruction(sample)
+        stripped = prompt.rstrip()
+        if instruction and stripped.endswith(instruction):
+            return stripped[: -len(instruction)].rstrip()
+        return prompt
 
     @abstractmethod
     def parse(self, sample: Sample, generated_text: str) -> Any:

@@ -1,14 +1,23 @@
 """The himap synthetic scene-QA benchmark (``synthetic``): accuracy overall and per question family.
 
-Data: a JSONL file, one ``{"id", "image", "question", "answer", "family"}`` per line, with
-``image`` relative to the file's folder (or to ``image_dir``). A folder is searched for a
+Data: without ``data``, the questions are generated in memory
+(:func:`himap_vlm.apps.data.synthetic.load_synthetic`): the ``test`` split (or ``split``), the
+first ``limit`` questions (default :data:`DEFAULT_N`), drawn with the task options ``seed``
+(default 0) and ``image_size`` (default 48 px, the shipped tiny LLaVA's input size) -- the
+questions ``himap demo`` asks. Otherwise a JSONL file, one ``{"id", "image", "question",
+"answer", "family"}`` per line (what :func:`~himap_vlm.apps.data.synthetic.write_jsonl` writes),
+with ``image`` relative to the file's folder (or to ``image_dir``). A folder is searched for a
 single ``*.jsonl``. An optional ``"prompt"`` field is used verbatim as the prompt. A Hugging
 Face dataset with the same columns (``image`` an image feature) works too.
 
 Prompt: the question, then ``"Answer with the option's letter from the given choices
 directly."`` if the question lists lettered options (lines ``"A. ..."``), otherwise
 ``"Answer the question using a single word or phrase."`` (LLaVA-1.5's instructions); nothing
-is appended to a question that already ends with an ``"Answer ..."`` instruction.
+is appended to a question that already ends with an ``"Answer ..."`` instruction (the
+generated ``choice`` questions carry their own). The appended line is the task's
+:meth:`~Synthetic.answer_instruction`: a model trained on the bare questions (the shipped tiny
+LLaVA, whose tokenizer cannot even spell the short-answer instruction) is asked without it,
+see :mod:`himap_vlm.apps.eval.prompts`.
 
 Scoring: exact match after normalisation (lowercase, punctuation removed, number words
 zero..twenty as digits, articles removed, whitespace collapsed). A gold answer that is a
@@ -38,6 +47,9 @@ NUMBER_WORDS = {w: str(i) for i, w in enumerate(_NUMBERS)}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _INSTRUCTION_END = re.compile(r"\n\s*Answer\b[^\n]*$")
 
+DEFAULT_N = 1000
+"""Questions generated when the task gets no ``data`` and no ``limit``."""
+
 
 def normalize_answer(text: str) -> str:
     """Lowercase, drop punctuation, number words to digits, drop articles, collapse spaces."""
@@ -55,6 +67,40 @@ class Synthetic(Task):
 
     name = "synthetic"
     max_new_tokens = 16
+
+    def __init__(self, seed: int = 0, image_size: int = 48) -> None:
+        for key, value, low in (("seed", seed, 0), ("image_size", image_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"synthetic: task option {key} must be an integer >= {low}; got {value!r}")
+        self.seed = seed
+        self.image_size = image_size
+
+    def load(self, data: Any = None, *, split: str | None = None, limit: int | None = None, **kwargs: Any) -> list[Sample]:
+        """Read ``data`` like every task, or without ``data`` generate the questions (module docstring)."""
+        if data is not None:
+            return super().load(data, split=split, limit=limit, **kwargs)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        return self.generate(DEFAULT_N if limit is None else limit, split or "test")
+
+    def generate(self, n: int, split: str = "test") -> list[Sample]:
+        """The first ``n`` generated questions of ``split`` as samples (``meta``: ``family``, ``qtype``).
+
+        The image side is ``max(image_size, 24)`` px (the smallest the 3 x 3 scene grid allows).
+        """
+        from himap_vlm.apps.data.synthetic import SceneQAConfig, load_synthetic
+
+        config = SceneQAConfig(image_size=max(self.image_size, 8 * SceneQAConfig.grid), seed=self.seed)
+        return [
+            Sample(
+                id=str(r["id"]),
+                image=r["image"],
+                question=r["question"],
+                answer=r["answer"],
+                meta={"family": r["family"], "qtype": r["qtype"]},
+            )
+            for r in load_synthetic(split, n, config)
+        ]
 
     def _iter_local(
         self,
@@ -118,10 +164,18 @@ class Synthetic(Task):
         if sample.meta.get("prompt"):
             return str(sample.meta["prompt"])
         question = sample.question.rstrip()
+        instruction = self.answer_instruction(sample)
+        return f"{question}\n{instruction}" if instruction else question
+
+    def answer_instruction(self, sample: Sample) -> str | None:
+        """The LLaVA instruction appended to the question (``None``: a record ``prompt``, or one of its own)."""
+        if sample.meta.get("prompt"):
+            return None
+        question = sample.question.rstrip()
         if _INSTRUCTION_END.search(question):
-            return question
+            return None
         _, choices = split_options(question)
-        return f"{question}\n{MC_INSTRUCTION if choices else SHORT_ANSWER_INSTRUCTION}"
+        return MC_INSTRUCTION if choices else SHORT_ANSWER_INSTRUCTION
 
     def parse(self, sample: Sample, generated_text: str) -> str:
         """The option letter for letter questions (``""`` if none), else the normalised answer."""
