@@ -99,7 +99,12 @@ def test_hidden_states_and_attentions_line_up_with_input_ids(attn):
     pad = ~inputs["attention_mask"].bool()
     last = out.hidden_states[-1]  # = last_hidden_state: dropped tokens keep the state they left with
     assert torch.all(last[pad] == 0) and torch.all(last[~pad].abs().sum(-1) > 0)
-    for layer in range(layers - 1):
+    first_drop = 1  # HiMAP(k1=1): layer 0 runs on the full input and returns the model's own tensors
+    with torch.no_grad():
+        dense = model(**inputs, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[0], dense.hidden_states[0], rtol=0, atol=0)
+    torch.testing.assert_close(out.hidden_states[1], dense.hidden_states[1], rtol=0, atol=0)
+    for layer in range(first_drop, layers - 1):
         h = out.hidden_states[layer + 1]
         for i in range(b):
             processed = torch.zeros(s, dtype=torch.bool)
@@ -109,12 +114,18 @@ def test_hidden_states_and_attentions_line_up_with_input_ids(attn):
         assert torch.all(h[pad] == 0)
     if attn == "eager":
         assert len(out.attentions) == layers
+        assert torch.equal(out.attentions[0], dense_attentions0(model, inputs))  # the model's own map
         for layer, a in enumerate(out.attentions):
             assert a.shape == (b, model.config.text_config.num_attention_heads, s, s)
             for i in range(b):
                 rows = run.layer_positions[layer][i]
                 sums = a[i][:, rows].sum(-1)
                 torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+
+
+def dense_attentions0(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, output_attentions=True).attentions[0]
 
 
 def run_last_hidden(model, inputs, run):
@@ -238,10 +249,13 @@ def test_padding_positions_are_zero_and_kernels_agree_where_samples_keep_differe
         assert len(set(run.image_tokens_per_layer[-1])) == 2  # different kept counts
         pad = ~inputs["attention_mask"].bool()
         assert pad.any()
-        for h in out.hidden_states:
+        for h in out.hidden_states[3:]:  # layers from the drop at k=2 on (entry l + 1 is layer l)
             assert torch.all(h[pad] == 0)
         outs[attn] = out
     for a, b in zip(outs["eager"].hidden_states, outs["sdpa"].hidden_states, strict=True):
+        real = ~pad[..., None].expand_as(a)  # before the drop, padding rows are the kernels' own
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-4)
+    for a, b in zip(outs["eager"].hidden_states[3:], outs["sdpa"].hidden_states[3:], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs["eager"].logits, outs["sdpa"].logits, atol=1e-5, rtol=1e-4)
 
@@ -254,3 +268,18 @@ def test_visipruner_record_survives_a_reused_selection():
         warnings.simplefilter("ignore")
         _gen(model, inputs, n=3, use_cache=False)
         assert run.record["selection"]["reused"] and "visipruner" in run.record
+
+
+def test_retained_gradients_reach_the_returned_early_layer_tensors():
+    """transformers' test_retain_grad_hidden_states_attentions under real pruning."""
+    model, proc = tiny("llama-mha", "eager")
+    inputs = _inputs(model, proc)
+    with FastV(k=2, r=0.5)(model):
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        hidden, attn = out.hidden_states[0], out.attentions[0]
+        hidden.retain_grad()
+        attn.retain_grad()
+        out.hidden_states[-1].retain_grad()
+        out.logits.float().sum().backward()
+    assert hidden.grad is not None and attn.grad is not None and out.hidden_states[-1].grad is not None
+    model.zero_grad(set_to_none=True)

@@ -59,13 +59,7 @@ only layer 0 (never pruned) and its equality checks compare two runs that prune 
 equality checks against an unpruned reference (``test_inputs_embeds_matches_input_ids``) run only
 on the bare ``*Model`` classes, which himap does not support."""
 
-KNOWN_ENGINE_BUGS: tuple[Entry, ...] = (
-    Entry(
-        "test_eager_matches_sdpa_inference",
-        ("prune",),
-        "issue 19, engine bugs (1) copy.deepcopy of a model inside `with method(model):` gives a copy that "
-        "does not prune (hidden_states[-1] lengths differ: 'size of tensor a (N) must match ... (N+k)') and "
-        "(2) filler slots of returned per-layer hidden states differ between eager and SDPA when samples "
-        "keep different numbers of tokens (Gemma3 fp32: 'mean relative difference for hidden_states')",
-    ),
-)
+KNOWN_ENGINE_BUGS: tuple[Entry, ...] = ()
+"""Empty: the two engine bugs of issue 19 (a deep copy inside a ``with`` block that did not prune,
+and kernel-dependent filler/padding slots in returned hidden states) are fixed, and with them the
+250 ``test_eager_matches_sdpa_inference`` regressions of ``prune`` mode."""

@@ -23,9 +23,11 @@ def align_outputs(st: PrefillState, output: Any, norm: nn.Module | None, num_lay
     """The language model's ``output`` with every per-position tensor at input positions.
 
     ``last_hidden_state``: kept tokens from the last layer, dropped tokens with the state they left
-    with (through ``norm``), 0 at padding. ``hidden_states`` (when requested): layer ``l``'s
-    outputs at the positions it processed, 0 elsewhere; the last entry is ``last_hidden_state``.
-    ``attentions`` (eager): (B, H, S, S), 0 at rows and columns a layer did not process.
+    with (through ``norm``), 0 at padding. ``hidden_states`` (when requested): the model's own
+    tensors for the embeddings and the layers before the first drop; for a layer that ran on a
+    shortened sequence, its outputs at the positions it processed and 0 elsewhere (padding
+    included); the last entry is ``last_hidden_state``. ``attentions`` (eager): the model's own
+    maps before the first drop, then (B, H, S, S) with 0 at rows and columns a layer did not process.
     """
     hidden = contract.decoder_output_hidden(output)
     b, s = st.input_ids.shape
@@ -38,18 +40,22 @@ def align_outputs(st: PrefillState, output: Any, norm: nn.Module | None, num_lay
     full[rows[real], last.idx[real]] = hidden[real]
     full = full * st.attn2d[..., None].to(full.dtype)  # padding positions: 0
     output = contract.with_decoder_output_hidden(output, full)
+    # Layers before the first drop processed the full input: their own tensors are returned as they
+    # are (what the unpruned model returns, and still part of the autograd graph).
     per_layer = getattr(output, "hidden_states", None)
     if isinstance(per_layer, tuple) and len(per_layer) == num_layers + 1:
-        first = per_layer[0]
-        aligned = [first * st.attn2d[..., None].to(first.dtype) if first is not None else None]
+        aligned = [per_layer[0]]
         for i, h in enumerate(per_layer[1:-1]):
-            aligned.append(_scatter_layer(h, st.layer_layouts[i], s) if h is not None else None)
+            lay = st.layer_layouts[i]
+            aligned.append(_scatter_layer(h, lay, s) if h is not None and lay.segment > 0 else h)
         aligned.append(full)
         output.hidden_states = tuple(aligned)
     attentions = getattr(output, "attentions", None)
     if isinstance(attentions, tuple) and len(attentions) == num_layers:
         output.attentions = tuple(
-            _scatter_attention(a, st.layer_layouts[i], s) if isinstance(a, torch.Tensor) else a
+            _scatter_attention(a, st.layer_layouts[i], s)
+            if isinstance(a, torch.Tensor) and st.layer_layouts[i].segment > 0
+            else a
             for i, a in enumerate(attentions)
         )
     return output

@@ -67,14 +67,15 @@ class PruningRun:
     Notes
     -----
     Outputs. ``last_hidden_state`` (and the logits) keep the input length: tokens dropped at a
-    layer get their state from that layer, through the final norm. When a prefill dropped tokens,
-    ``output_hidden_states`` / ``output_attentions`` are scattered back to input positions too:
-    ``hidden_states[0]`` is the full input, ``hidden_states[l + 1]`` holds layer ``l``'s outputs
-    at the positions it processed (``layer_positions[l]``) and 0 elsewhere, except the last entry,
-    which is ``last_hidden_state`` (as in transformers); ``attentions[l]`` is
-    (B, H, S, S) with 0 at rows and columns layer ``l`` did not process. Positions that carry no
-    real token (padding) hold 0 in every returned hidden state of such a prefill. A prefill that
-    dropped no token returns the model's own outputs untouched (equal to the unpruned model).
+    layer get their state from that layer, through the final norm; positions that carry no real
+    token (padding) hold 0. When a prefill dropped tokens, ``output_hidden_states`` /
+    ``output_attentions`` line up with ``input_ids`` too: the embeddings and the layers before the
+    first drop are the model's own tensors (as the unpruned model returns them); a layer that ran
+    on a shortened sequence returns (B, S, D) hidden states and (B, H, S, S) attentions at input
+    positions, 0 at the positions it did not process (``layer_positions[l]``) and at padding; the
+    last hidden state is ``last_hidden_state``, as in transformers. A prefill that dropped no token
+    returns the model's own outputs untouched (equal to the unpruned model). A cache filled under
+    a method can be continued only inside the same ``with`` block (its pruned layers are shorter).
 
     Copies. ``copy.deepcopy(model)`` inside the ``with`` block gives a copy with its own,
     independent run of the same method; it leaves with this run's block.
