@@ -59,8 +59,8 @@ def test_duplicate_names_and_aliases_are_refused(scratch_registry):
 
     with pytest.raises(ValueError, match="'himap' is already registered by HiMAP"):
         registry.register("himap")(Other)
-    with pytest.raises(ValueError, match="'pdrop' is already registered by PyramidDrop"):
-        registry.register("other", aliases=("pdrop",))(Other)
+    with pytest.raises(ValueError, match="'randomprune' is already registered by RandomPrune"):
+        registry.register("other", aliases=("randomprune",))(Other)
     with pytest.raises(ValueError, match="must be lowercase"):
         registry.register("Other")(Other)
     assert "other" not in registry.method_names()
@@ -91,4 +91,4 @@ def test_spec_errors_name_the_problem():
     with pytest.raises(MethodSpecError, match="k2=8 is out of range for this model"):
         MethodSpec.parse("himap(k2=8)", num_layers=6)
     assert MethodSpec.parse("himap", num_layers=8).build() == himap_vlm.HiMAP(k1=2, r1=0.5, k2=3, r2=0.75)
-    assert MethodSpec.parse("pdrop", num_layers=32).name == "pyramiddrop"
+    assert MethodSpec.parse("random-prune", num_layers=32).name == "random"
