@@ -126,3 +126,23 @@ def test_generate_named_model(tmp_path):
                               "what is in the picture ?", "--method", "fastv", "--max-new-tokens", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["method"] == "fastv"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backbone", "gpt"], "--backbone must be llama, mistral or qwen2"),
+        (["--image-size", "30", "--patch-size", "4"], "must be a multiple of --patch-size"),
+        (["--hidden", "30", "--heads", "4"], "--hidden must be divisible by --heads"),
+    ],
+)
+def test_tiny_model_bad_options(tmp_path, args, message):
+    res = runner.invoke(app, ["tiny-model", str(tmp_path / "m"), *args])
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_tiny_model_unwritable_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["tiny-model", str(blocker / "model")])
+    assert res.exit_code == 2 and "cannot write to" in res.output and "Traceback" not in res.output

@@ -30,6 +30,17 @@ def tiny_model(
 
     if hidden % heads or heads % kv_heads:
         fail("--hidden must be divisible by --heads, and --heads by --kv-heads")
+    if backbone not in ("llama", "mistral", "qwen2"):
+        fail(f"--backbone must be llama, mistral or qwen2; got {backbone!r}")
+    if image_size % patch_size:
+        fail(f"--image-size ({image_size}) must be a multiple of --patch-size ({patch_size})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".himap-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot write to {str(out)!r} ({exc.strerror or exc}); pass a writable directory")
     spec = TinyLlavaSpec(
         backbone=backbone,
         num_layers=layers,
