@@ -345,3 +345,13 @@ def test_demo_asks_the_questions_of_the_synthetic_task():
     assert [(s.id, s.question, s.answer) for s in loaded] == [(s.id, s.question, s.answer) for s in samples]
     assert [s.id for s in synthetic_samples(4, 48)] == [s.id for s in samples[:4]]
     assert "prompt" not in samples[0].meta  # no demo-only prompt: the prompt rule decides
+
+
+def test_budgets_can_be_left_out_for_larger_models():
+    from himap_vlm.apps.demo import demo_configurations
+    from himap_vlm.core.methods import method_names
+
+    configs, _ = demo_configurations(None, 30, budgets=False)
+    assert [c.spec.name for c in configs] == method_names() and all(c.paper_default for c in configs)
+    configs, _ = demo_configurations("himap,fastv(r=0.9)", 30, budgets=False)
+    assert [c.spec.label for c in configs] == ["dense", "himap(k1=2,r1=0.5,k2=7,r2=0.75)", "fastv(r=0.9)"]

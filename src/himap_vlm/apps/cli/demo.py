@@ -94,6 +94,13 @@ def demo_command(
     instructions: str = typer.Option(
         "auto", "--instructions", help="auto, task or none: the prompt rule of `himap eval --instructions`."
     ),
+    budgets: str = typer.Option(
+        "auto",
+        "--budgets",
+        help=f"Run each method's harsher budgets too: all, none, or auto (all for models under "
+        f"{SMALL_MODEL_PARAMETERS // 10**6} M parameters; the paper settings only for larger ones, to stay "
+        "within minutes on a CPU).",
+    ),
 ) -> None:
     """Evaluate dense and the pruning methods on held-out questions: accuracy, FLOPs, measured speedup.
 
@@ -125,6 +132,8 @@ def demo_command(
             fail(MISSING_MODEL)
     if instructions not in INSTRUCTION_MODES:
         fail(f"--instructions must be one of {', '.join(INSTRUCTION_MODES)}; got {instructions!r}")
+    if budgets not in ("auto", "all", "none"):
+        fail(f"--budgets must be auto, all or none; got {budgets!r}")
     try:  # what the files can tell, before the weights are loaded
         check_output_dir(out)
         path = Path(resolve_model_path(model)) if model is not None else path
@@ -147,7 +156,9 @@ def demo_command(
         check_image_tokens(net, processor)
     except PreflightError as exc:
         fail(exc)
-    if threads is None and sum(p.numel() for p in net.parameters()) < SMALL_MODEL_PARAMETERS:
+    small = sum(p.numel() for p in net.parameters()) < SMALL_MODEL_PARAMETERS
+    with_budgets = budgets == "all" or (budgets == "auto" and small)
+    if threads is None and small:
         # A tiny model runs many small kernels: extra threads only add synchronisation, and on a
         # busy machine a descheduled thread stalls every kernel (measured: minutes instead of seconds).
         torch.set_num_threads(1)
@@ -170,6 +181,7 @@ def demo_command(
             console=console,
             command=["himap", *sys.argv[1:]],
             instructions=instructions,
+            budgets=with_budgets,
         )
     except (ValueError, OSError) as exc:  # MethodSpecError included
         fail(exc)

@@ -46,14 +46,17 @@ def _default_spec(name: str, num_layers: int) -> MethodSpec:
     return MethodSpec(name, get_method(name).defaults_for(num_layers), num_layers)
 
 
-def _expand(name: str, num_layers: int) -> list[tuple[MethodSpec | None, bool, str, str | None]]:
+def _expand(
+    name: str, num_layers: int, budgets: bool = True
+) -> list[tuple[MethodSpec | None, bool, str, str | None]]:
     """``defaults_for(L)`` then ``budgets(L)``: ``(spec or None, is default, label, why it does not fit)``."""
     from himap_vlm.core.methods import get_method
     from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError, format_value
 
     cls = get_method(name)
     out: list[tuple[MethodSpec | None, bool, str, str | None]] = []
-    for i, params in enumerate([cls.defaults_for(num_layers), *cls.budgets(num_layers)]):
+    settings = [cls.defaults_for(num_layers), *(cls.budgets(num_layers) if budgets else [])]
+    for i, params in enumerate(settings):
         label = f"{name}({','.join(f'{k}={format_value(v)}' for k, v in params.items())})" if params else name
         try:
             out.append((MethodSpec(name, params, num_layers), i == 0, label, None))
@@ -65,7 +68,7 @@ def _expand(name: str, num_layers: int) -> list[tuple[MethodSpec | None, bool, s
 
 
 def demo_configurations(
-    methods: str | Iterable[str] | None, num_layers: int
+    methods: str | Iterable[str] | None, num_layers: int, budgets: bool = True
 ) -> tuple[list[DemoConfig], list[dict[str, str]]]:
     """Expand a method list into the demo's configurations.
 
@@ -79,6 +82,9 @@ def demo_configurations(
         registered method, in :func:`~himap_vlm.core.methods.method_names` order.
     num_layers : int
         Decoder layers of the model (``L``).
+    budgets : bool
+        Whether a name alone also runs the method's ``budgets(L)`` (``False``: its
+        ``defaults_for(L)`` only, the reduced set for larger models).
 
     Returns
     -------
@@ -119,7 +125,7 @@ def demo_configurations(
         if entry.params:
             add(entry, _is_default(entry, num_layers))
             continue
-        for spec, is_default, label, reason in _expand(entry.name, num_layers):
+        for spec, is_default, label, reason in _expand(entry.name, num_layers, budgets):
             if spec is None:
                 skipped.append({"label": label, "reason": str(reason)})
             else:

@@ -188,6 +188,7 @@ def run_demo(
     console: Console | None = None,
     command: Sequence[str] | None = None,
     instructions: str = "auto",
+    budgets: bool = True,
 ) -> DemoResult:
     """Run the demo (see the module docstring) and write ``demo.json`` and ``demo.png``.
 
@@ -224,6 +225,8 @@ def run_demo(
         The command line (recorded).
     instructions : {"auto", "task", "none"}
         The prompt rule (:mod:`himap_vlm.apps.eval.prompts`), as for ``himap eval``.
+    budgets : bool
+        Whether a method named alone also runs its ``budgets(L)`` (see :func:`demo_configurations`).
 
     Returns
     -------
@@ -252,7 +255,7 @@ def run_demo(
             raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
     t_start = time.perf_counter()
     num_layers = int(resolve_family(model).text_config(model).num_hidden_layers)
-    configs, skipped = demo_configurations(methods, num_layers)
+    configs, skipped = demo_configurations(methods, num_layers, budgets)
     label = model_label(model, model_name)
     info = _model_info(model, model_source, label, embedded)
     out = Path(out_dir)
