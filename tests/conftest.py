@@ -68,3 +68,44 @@ def batch_inputs():
         return make_inputs(proc, prompts, per, padding_side)
 
     return _make
+
+
+@pytest.fixture
+def scratch_registry():
+    """Registrations and removals made in the test are undone afterwards."""
+    from himap_vlm.core.methods.registry import restored
+
+    with restored():
+        yield
+
+
+@pytest.fixture
+def toy_method(scratch_registry):
+    """A method registered from outside the package (alias ``toy_prune``), gone after the test."""
+    from dataclasses import dataclass
+
+    from himap_vlm.core.interface import PruneStep
+    from himap_vlm.core.methods.base import PruningMethod
+    from himap_vlm.core.methods.params import integer, layer
+    from himap_vlm.core.methods.registry import register
+
+    @register("toyprune", aliases=("toy_prune",))
+    @dataclass(frozen=True)
+    class ToyPrune(PruningMethod):
+        k: int = layer(1, doc="pruning layer")
+        keep: int = integer(3, minimum=0, doc="image tokens kept")
+
+        @classmethod
+        def defaults_for(cls, num_layers: int) -> dict:
+            return {"k": max(1, num_layers // 2), "keep": 3}
+
+        def steps(self) -> list[PruneStep]:
+            return [PruneStep(self.k)]
+
+        def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
+            return min(num_image, self.keep)
+
+        def select(self, x):
+            return torch.arange(min(x.num_image, self.keep))
+
+    return ToyPrune

@@ -8,7 +8,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,7 @@ from himap_vlm.apps.bench import (
     run_benchmark,
 )
 from himap_vlm.apps.flops import Layout, TextDims, kv_cache_bytes, layout_from_inputs
-from himap_vlm.core.interface import PruneStep
 from himap_vlm.core.methods import METHODS, Dense, FastV, HiMAP, RandomPrune
-from himap_vlm.core.methods.base import PruningMethod
-from himap_vlm.core.methods.params import integer
-from himap_vlm.core.methods.params import layer as layer_param
-from himap_vlm.core.methods.registry import _CLASSES, register
 from himap_vlm.models.tiny import build_tiny_llava, example_image
 
 torch.set_num_threads(1)  # 2 shared cores: two threads oversubscribe them and time out of all proportion
@@ -356,33 +350,6 @@ def test_cli_method_arg_is_gone():
 
 
 # ------------------------------------------------------------------------------------ the registry drives it
-@pytest.fixture
-def toy_method():
-    """A method registered from outside the package, removed from the registry afterwards."""
-
-    @register("toyprune")
-    @dataclass(frozen=True)
-    class ToyPrune(PruningMethod):
-        k: int = layer_param(1, doc="pruning layer")
-        keep: int = integer(3, minimum=0, doc="image tokens kept")
-
-        @classmethod
-        def defaults_for(cls, num_layers: int) -> dict:
-            return {"k": max(1, num_layers // 2), "keep": 3}
-
-        def steps(self) -> list[PruneStep]:
-            return [PruneStep(self.k)]
-
-        def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
-            return min(num_image, self.keep)
-
-        def select(self, x):
-            return torch.arange(min(x.num_image, self.keep))
-
-    yield ToyPrune
-    _CLASSES.pop("toyprune", None)
-
-
 def test_a_registered_method_appears_in_bench_without_edits(toy_method, tmp_path):
     rows = build_rows("all", 6, reference="all")
     assert ("toyprune", "engine") in {(r.method, r.style) for r in rows}

@@ -246,7 +246,7 @@ def test_configuration_rule_at_depth_8_and_skipped_budgets():
 
 
 @pytest.fixture
-def extra_method(monkeypatch):
+def extra_method(scratch_registry):
     """A method registered for one test only (the registry restored afterwards)."""
     from dataclasses import dataclass
 
@@ -254,9 +254,6 @@ def extra_method(monkeypatch):
     from himap_vlm.core.methods import registry
     from himap_vlm.core.methods.base import PruningMethod, kept_count, top_k_indices
     from himap_vlm.core.methods.params import layer, ratio
-
-    monkeypatch.setattr(registry, "_CLASSES", dict(registry._CLASSES))
-    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
 
     @registry.register("firstkeep")
     @dataclass(frozen=True)

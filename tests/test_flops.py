@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from importlib import resources
 
 import pytest
@@ -30,12 +29,7 @@ from himap_vlm.apps.flops import (
     prefill_flops,
 )
 from himap_vlm.core import contract
-from himap_vlm.core.interface import PruneStep
 from himap_vlm.core.methods import get_method, method_names
-from himap_vlm.core.methods.base import PruningMethod
-from himap_vlm.core.methods.params import integer
-from himap_vlm.core.methods.params import layer as layer_param
-from himap_vlm.core.methods.registry import _ALIASES, _CLASSES, register
 from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError
 
 torch.set_num_threads(1)
@@ -611,34 +605,6 @@ def test_cli_spec_errors_are_one_line(args, message):
 
 
 # ------------------------------------------------------------------------------------ the registry drives it
-
-
-@pytest.fixture
-def toy_method():
-    """A method registered from outside the package, removed from the registry afterwards."""
-
-    @register("toyprune", aliases=("toy_prune",))
-    @dataclass(frozen=True)
-    class ToyPrune(PruningMethod):
-        k: int = layer_param(1, doc="pruning layer")
-        keep: int = integer(3, minimum=0, doc="image tokens kept")
-
-        @classmethod
-        def defaults_for(cls, num_layers: int) -> dict:
-            return {"k": max(1, num_layers // 2), "keep": 3}
-
-        def steps(self) -> list[PruneStep]:
-            return [PruneStep(self.k)]
-
-        def kept_after(self, step: int, num_image: int, num_image_input: int) -> int:
-            return min(num_image, self.keep)
-
-        def select(self, x):
-            return torch.arange(min(x.num_image, self.keep))
-
-    yield ToyPrune
-    _CLASSES.pop("toyprune", None)
-    _ALIASES.pop("toy_prune", None)
 
 
 def test_a_registered_method_appears_in_flops_without_edits(toy_method):

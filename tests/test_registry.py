@@ -17,17 +17,6 @@ from himap_vlm.core.methods.spec import MethodSpec, MethodSpecError, parse_metho
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def scratch_registry():
-    """Register methods inside a test and remove them afterwards."""
-    classes, aliases = dict(registry._CLASSES), dict(registry._ALIASES)
-    yield
-    registry._CLASSES.clear()
-    registry._CLASSES.update(classes)
-    registry._ALIASES.clear()
-    registry._ALIASES.update(aliases)
-
-
 def test_the_documented_example_is_a_working_method(scratch_registry):
     text = (ROOT / "docs" / "methods.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
@@ -92,3 +81,14 @@ def test_spec_errors_name_the_problem():
         MethodSpec.parse("himap(k2=8)", num_layers=6)
     assert MethodSpec.parse("himap", num_layers=8).build() == himap_vlm.HiMAP(k1=2, r1=0.5, k2=3, r2=0.75)
     assert MethodSpec.parse("random-prune", num_layers=32).name == "random"
+
+
+def test_unregister_and_restored():
+    from himap_vlm.core.methods.registry import restored, unregister
+
+    with restored():
+        unregister("randomprune")  # by alias: the method and every alias go
+        assert "random" not in registry.method_names() and "randomprune" not in himap_vlm.METHODS
+        with pytest.raises(ValueError, match="unknown method"):
+            unregister("random")
+    assert registry.get_method("random-prune") is himap_vlm.RandomPrune

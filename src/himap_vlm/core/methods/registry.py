@@ -12,6 +12,7 @@ code outside the package registers its own with the same decorator::
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from himap_vlm.core.methods.base import PruningMethod
 
-__all__ = ["METHODS", "get_method", "method_names", "register"]
+__all__ = ["METHODS", "get_method", "method_names", "register", "restored", "unregister"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _CLASSES: dict[str, type[PruningMethod]] = {}
@@ -57,6 +58,33 @@ def register(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[M], M]:
         return cls
 
     return deco
+
+
+def unregister(name: str) -> None:
+    """Remove the method registered under ``name`` (canonical name or alias) and its aliases.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    """
+    canonical = get_method(name).name
+    del _CLASSES[canonical]
+    for alias in [a for a, target in _ALIASES.items() if target == canonical]:
+        del _ALIASES[alias]
+
+
+@contextlib.contextmanager
+def restored() -> Iterator[None]:
+    """Undo every registration and removal made inside the block (tests, notebooks)."""
+    classes, aliases = dict(_CLASSES), dict(_ALIASES)
+    try:
+        yield
+    finally:
+        _CLASSES.clear()
+        _CLASSES.update(classes)
+        _ALIASES.clear()
+        _ALIASES.update(aliases)
 
 
 def get_method(name: str) -> type[PruningMethod]:
