@@ -228,6 +228,27 @@ def image_block_ids(is_image: torch.Tensor) -> torch.Tensor:
     return torch.where(is_image, groups, torch.full_like(groups, -1))
 
 
+def _llava_decoder(model: nn.Module) -> nn.Module:
+    return model.model.language_model
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    return model.model.text_model
+
+
+def _text_config(model: nn.Module) -> Any:
+    return model.config.text_config
+
+
+def _image_token_id(config: Any) -> int:
+    return int(config.image_token_id)
+
+
+def _deepstack_done(config: Any) -> int:
+    """Qwen3-VL: DeepStack adds vision features after decoder layers 0 .. n-1; prune from n on."""
+    return max(1, len(getattr(config.vision_config, "deepstack_visual_indexes", ()) or ()))
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How the engine reaches the parts of one model family.
@@ -239,11 +260,13 @@ class ModelFamily:
     class_names : tuple of str
         Model class names (``type(model).__name__``) handled by this record.
     decoder : callable
-        ``model -> nn.Module``: the language model whose ``layers`` the engine hooks.
+        ``model -> nn.Module``: the language model whose ``layers`` the engine hooks (default
+        ``model.model.language_model``).
     text_config : callable
-        ``model -> PretrainedConfig`` of the language model.
+        ``model -> PretrainedConfig`` of the language model (default ``config.text_config``).
     image_token_id : callable
-        ``config -> int``: the placeholder id marking image tokens in ``input_ids``.
+        ``config -> int``: the placeholder id marking image tokens in ``input_ids`` (default
+        ``config.image_token_id``).
     layers_attr, norm_attr, attn_attr, input_norm_attr : str
         Attribute names of the decoder's layer list, final norm, a layer's attention module and a
         layer's input norm.
@@ -272,9 +295,9 @@ class ModelFamily:
 
     name: str
     class_names: tuple[str, ...]
-    decoder: Callable[[nn.Module], nn.Module]
-    text_config: Callable[[nn.Module], Any]
-    image_token_id: Callable[[Any], int]
+    decoder: Callable[[nn.Module], nn.Module] = _llava_decoder
+    text_config: Callable[[nn.Module], Any] = _text_config
+    image_token_id: Callable[[Any], int] = _image_token_id
     layers_attr: str = "layers"
     norm_attr: str = "norm"
     attn_attr: str = "self_attn"
@@ -288,42 +311,15 @@ class ModelFamily:
     notes: str = ""
 
 
-def _llava_decoder(model: nn.Module) -> nn.Module:
-    return model.model.language_model
-
-
-def _text_model(model: nn.Module) -> nn.Module:
-    return model.model.text_model
-
-
-def _text_config(model: nn.Module) -> Any:
-    return model.config.text_config
-
-
-def _image_token_id(config: Any) -> int:
-    return int(config.image_token_id)
-
-
-def _deepstack_done(config: Any) -> int:
-    """Qwen3-VL: DeepStack adds vision features after decoder layers 0 .. n-1; prune from n on."""
-    return max(1, len(getattr(config.vision_config, "deepstack_visual_indexes", ()) or ()))
-
-
 LLAVA = ModelFamily(
     name="LLaVA-1.5",
     class_names=("LlavaForConditionalGeneration",),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     notes="LLaVA-1.5 layout with Llama, Mistral or Qwen2 text backbones (MHA or grouped-query attention).",
 )
 
 LLAVA_NEXT = ModelFamily(
     name="LLaVA-NeXT / LLaVA-OneVision",
     class_names=("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     notes="anyres: each image is a base view plus tiles, with image-newline features inside the span; "
     "every placeholder of the span (newlines included) is an image token.",
 )
@@ -331,9 +327,6 @@ LLAVA_NEXT = ModelFamily(
 QWEN_VL = ModelFamily(
     name="Qwen2-VL / Qwen2.5-VL",
     class_names=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     renumber_positions=False,
     notes="3-D M-RoPE: kept tokens keep their (t, h, w) rotary tables; decode positions come from the "
     "model's rope_deltas and layer 0's (never pruned) cache length.",
@@ -342,9 +335,6 @@ QWEN_VL = ModelFamily(
 QWEN3_VL = ModelFamily(
     name="Qwen3-VL",
     class_names=("Qwen3VLForConditionalGeneration",),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     min_prune_layer=_deepstack_done,
     renumber_positions=False,
     notes="DeepStack adds vision features to the image positions after the first "
@@ -354,9 +344,6 @@ QWEN3_VL = ModelFamily(
 INTERNVL = ModelFamily(
     name="InternVL",
     class_names=("InternVLForConditionalGeneration",),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     notes="<img> <IMG_CONTEXT>... </img> spans; every tile of an image is inside one span.",
 )
 
@@ -364,8 +351,6 @@ IDEFICS3 = ModelFamily(
     name="Idefics3 / SmolVLM",
     class_names=("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"),
     decoder=_text_model,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     notes="image splitting: one span per tile (row/column marker tokens) plus a global view; "
     "the markers are text, every <image> placeholder is an image token.",
 )
@@ -373,9 +358,6 @@ IDEFICS3 = ModelFamily(
 GEMMA3 = ModelFamily(
     name="Gemma3",
     class_names=("Gemma3ForConditionalGeneration",),
-    decoder=_llava_decoder,
-    text_config=_text_config,
-    image_token_id=_image_token_id,
     bidirectional_image_blocks=True,
     notes="image tokens attend bidirectionally within their image (token_type_ids); sliding-window "
     "and full layers get their own masks, windows measured on original positions.",
