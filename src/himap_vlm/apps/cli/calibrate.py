@@ -141,7 +141,7 @@ def _print_curve(result: dict) -> None:
         spec = vtw_spec(result["layer"]).label
         console.print(
             f"withdrawal layer K = [bold]{result['layer']}[/]  (use: himap eval/demo --methods \"{spec}\", "
-            f"or himap generate --method vtw --k {result['layer']})",
+            f"or himap generate --method \"{spec}\")",
             highlight=False,
         )
     console.print(f"[dim]{result['forwards']} forwards[/]")
