@@ -6,7 +6,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env test lint demo generate train-model ship-model clean
+.PHONY: env test lint demo generate train-model ship-model train-smol ship-smol clean
 
 $(BIN)/himap: pyproject.toml constraints.txt
 	bash scripts/bootstrap.sh
@@ -45,6 +45,23 @@ ship-model:
 		tokenizer.json tokenizer_config.json chat_template.jinja training_info.json; do \
 		if [ -f $(RUN)/$$f ]; then cp $(RUN)/$$f $(ASSET)/; fi; done
 	cp scripts/MODEL_CARD.md $(ASSET)/README.md
+
+# Train smol-llava (SmolLM2-135M-Instruct + vision tower, projector, LoRA; hours on 2 cores;
+# resumable): runs/smol-llava*  (scripts/SMOL_MODEL_CARD.md)
+train-smol: env
+	bash scripts/train_smol_llava_recipe.sh runs
+
+# Copy trained smol-llava parts into the package, with scripts/SMOL_MODEL_CARD.md as README.md:
+#   make ship-smol SMOL_RUN=runs/smol-llava/best
+SMOL_RUN ?= runs/smol-llava/best
+SMOL_ASSET := src/himap_vlm/assets/smol_llava
+ship-smol:
+	test -f $(SMOL_RUN)/model_parts.safetensors
+	rm -rf $(SMOL_ASSET) && mkdir -p $(SMOL_ASSET)
+	for f in model_parts.safetensors adapter_model.safetensors adapter_config.json llava_config.json \
+		processor_config.json chat_template.jinja training_info.json; do \
+		if [ -f $(SMOL_RUN)/$$f ]; then cp $(SMOL_RUN)/$$f $(SMOL_ASSET)/; fi; done
+	cp scripts/SMOL_MODEL_CARD.md $(SMOL_ASSET)/README.md
 
 clean:
 	rm -rf $(VENV) out

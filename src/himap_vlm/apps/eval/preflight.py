@@ -94,7 +94,7 @@ def resolve_model_path(model: str | os.PathLike[str]) -> str:
 
     try:
         return resolve_model(model)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ImportError, ValueError) as exc:  # ImportError: smol-llava's base model missing
         raise PreflightError(one_line(exc)) from None
 
 
