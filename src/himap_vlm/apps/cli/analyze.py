@@ -62,7 +62,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 @app.command("analyze")
 def analyze(
-    model: str = typer.Option(..., "--model", help="Local model directory (or hub id when online)."),
+    model: str = typer.Option(..., "--model", help="Local model directory, a named model (tiny-llava, smol-llava), or a hub id when online."),
     data: Path = typer.Option(..., "--data", help="JSON/JSONL list of {image, question, answer} records."),
     out: Path = typer.Option(..., "--out", help="Output directory (JSON + PNG figures)."),
     what: str = typer.Option(

@@ -34,7 +34,7 @@ app.add_typer(calibrate_app, name="calibrate")
 @calibrate_app.command("vtw")
 def calibrate_vtw_command(
     model: Annotated[
-        str, typer.Option("--model", help="Local model directory, a named model (tiny-llava), or a hub id when online.")
+        str, typer.Option("--model", help="Local model directory, a named model (tiny-llava, smol-llava), or a hub id when online.")
     ],
     data: Annotated[Path, typer.Option("--data", help="JSON/JSONL calibration records (image, question).")],
     eta: Annotated[float, typer.Option("--eta", help="KL threshold (0.003 for LLaVA-1.5-7B).")] = 0.003,

@@ -35,7 +35,10 @@ from himap_vlm.apps.demo import (
 from himap_vlm.apps.eval.preflight import fail
 
 SMALL_MODEL_PARAMETERS = 100_000_000
-"""Below this many parameters the demo runs on one CPU thread unless ``--threads`` says otherwise."""
+"""Below this many parameters the demo runs on one CPU thread unless ``--threads`` says otherwise, and
+runs each method's harsher budgets and :data:`DEFAULT_N` questions by default."""
+DEFAULT_N_LARGE = 100
+"""Default ``--n`` for models of :data:`SMALL_MODEL_PARAMETERS` or more (e.g. smol-llava, 137 M)."""
 
 MISSING_MODEL = (
     "the embedded model is not shipped in this build; pass --model PATH "
@@ -50,7 +53,14 @@ def demo_command(
         "--out",
         help="Folder for demo.json, demo.png and the per-configuration predictions.",
     ),
-    n: int = typer.Option(DEFAULT_N, "--n", min=1, help="Held-out synthetic test questions to evaluate."),
+    n: int | None = typer.Option(
+        None,
+        "--n",
+        min=1,
+        help=f"Held-out synthetic test questions to evaluate (default: {DEFAULT_N} for models under "
+        f"{SMALL_MODEL_PARAMETERS // 10**6} M parameters, {DEFAULT_N_LARGE} for larger ones, to stay within "
+        "minutes on a CPU).",
+    ),
     methods: list[str] = typer.Option(
         [],
         "--methods",
@@ -137,6 +147,7 @@ def demo_command(
     try:  # what the files can tell, before the weights are loaded
         check_output_dir(out)
         path = Path(resolve_model_path(model)) if model is not None else path
+        named = model.strip().lower().replace("-", "_") if model is not None and str(path) != model else ""
         if not path.exists():
             fail(f"model path {str(path)!r} does not exist")
         num_layers = model_depth(model_config(str(path)))
@@ -158,6 +169,8 @@ def demo_command(
         fail(exc)
     small = sum(p.numel() for p in net.parameters()) < SMALL_MODEL_PARAMETERS
     with_budgets = budgets == "all" or (budgets == "auto" and small)
+    if n is None:
+        n = DEFAULT_N if small else DEFAULT_N_LARGE
     if threads is None and small:
         # A tiny model runs many small kernels: extra threads only add synchronisation, and on a
         # busy machine a descheduled thread stalls every kernel (measured: minutes instead of seconds).
@@ -175,7 +188,7 @@ def demo_command(
             timing_samples=timing_samples,
             timing_repeats=timing_repeats,
             model_source=str(path),
-            model_name="tiny_llava" if embedded else None,
+            model_name="tiny_llava" if embedded else (named or None),
             embedded=embedded,
             progress=progress,
             console=console,

@@ -133,7 +133,7 @@ def eval_command(
         check_output_dir(out)
         source = resolve_model_path(model)
         if model_name is None and source != model:  # a named model: results under its name, not its cache folder
-            model_name = model.strip().lower().replace("_", "-")
+            model_name = model.strip().lower().replace("-", "_")
         num_layers = model_depth(model_config(source))
         specs = parse_methods(methods, method_args, num_layers=num_layers)  # defaults_for(L), fit
     except (MethodSpecError, PreflightError) as exc:
