@@ -52,8 +52,8 @@ train-smol: env
 	bash scripts/train_smol_llava_recipe.sh runs
 
 # Copy trained smol-llava parts into the package, with scripts/SMOL_MODEL_CARD.md as README.md:
-#   make ship-smol SMOL_RUN=runs/smol-llava/best
-SMOL_RUN ?= runs/smol-llava/best
+#   make ship-smol SMOL_RUN=runs/smol-llava-p2/best
+SMOL_RUN ?= runs/smol-llava-p2/best
 SMOL_ASSET := src/himap_vlm/assets/smol_llava
 ship-smol:
 	test -f $(SMOL_RUN)/model_parts.safetensors

@@ -1,4 +1,4 @@
-"""Evaluate a trained tiny LLaVA on held-out synthetic scene-QA questions (CPU, offline).
+"""Evaluate a trained tiny LLaVA (or smol-llava, or any LLaVA folder) on held-out synthetic scene-QA questions (CPU, offline).
 
 Greedy generation (a few tokens) from the chat-template prompt of each test question, scored
 with :func:`himap_vlm.apps.data.synthetic.score`; reported per question family, for the real images
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from himap_vlm.apps.data.synthetic import FAMILIES, SceneQAConfig, load_synthetic, score
+from himap_vlm.models import resolve_model
 from himap_vlm.models.tiny_llava import load_trained
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    model, processor = load_trained(args.model)
+    model, processor = load_trained(resolve_model(args.model))  # a folder or a named model (smol-llava)
     size = model.config.vision_config.image_size
     records = load_synthetic(args.split, args.n, SceneQAConfig(image_size=size, seed=args.seed))
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@
 # the blocking metrics are defined on the questions the undisturbed model answers correctly, so the
 # default is the family it answers best (FAMILY=choice reproduces the paper's choice of task).
 # Sizes: N_ANALYSIS (default 32) questions for the analysis, N_CALIB (20, as the VTW paper) for the
-# calibration, N_EVAL (300) for the methods. Nothing here is tuned: every setting is the method's own
+# calibration, N_EVAL (200) for the methods. Nothing here is tuned: every setting is the method's own
 # defaults_for(30) and budgets(30), VTW's K comes from its KL criterion (eta 0.003, the paper's 7B).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,10 @@ PY=${PY:-.venv/bin/python}
 HIMAP=${HIMAP:-.venv/bin/himap}
 N_ANALYSIS=${N_ANALYSIS:-32}
 N_CALIB=${N_CALIB:-20}
-N_EVAL=${N_EVAL:-300}
+N_EVAL=${N_EVAL:-200}
+N_BLOCKING=${N_BLOCKING:-16}
+N_EVAL_DENSE=${N_EVAL_DENSE:-500}
+BLOCK_STEP=${BLOCK_STEP:-2}
 FAMILY=${FAMILY:-attribute}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
@@ -51,9 +54,18 @@ write_jsonl(load_synthetic("validation", n_calib, config), out, "calibration.jso
 print(f"wrote {len(chosen)} {family} questions and {n_calib} calibration questions to {out}")
 EOF
 
+echo "== dense accuracy per family on held-out test questions, with real and with blank images"
+"$PY" scripts/eval_tiny_llava.py smol-llava --n "$N_EVAL_DENSE" --batch-size 25 --threads 2 --json "$OUT/dense_test.json"
+
 echo "== information-flow analysis (authors' and paper's conventions, side by side)"
+# Saliency and attention share: one forward(+backward) per question. Blocking generates
+# 8 (authors) / 5 (paper) tokens per blocked layer x flow x question (about a minute per question on
+# 2 cores for all 30 layers), so it runs on the first N_BLOCKING questions at every BLOCK_STEP-th layer.
 "$HIMAP" analyze --model "$MODEL" --data "$OUT/data/analysis.jsonl" --out "$OUT/analysis" \
-    --convention both --what saliency,blocking,attention
+    --convention both --what saliency,attention
+LAYERS=$("$PY" -c "import sys; print(','.join(str(i) for i in range(0, 30, int(sys.argv[1]))))" "$BLOCK_STEP")
+"$HIMAP" analyze --model "$MODEL" --data "$OUT/data/analysis.jsonl" --out "$OUT/blocking" \
+    --convention both --what blocking --n "$N_BLOCKING" --layers "$LAYERS"
 
 echo "== VTW: K by the KL criterion"
 "$HIMAP" calibrate vtw --model "$MODEL" --data "$OUT/data/calibration.jsonl" --eta 0.003 --json > "$OUT/vtw_calibration.json"
@@ -66,7 +78,7 @@ else
     echo "VTW: no layer reaches the KL threshold (see $OUT/vtw_calibration.json); only its scaled default runs"
 fi
 
-echo "== methods: defaults_for(30) and budgets(30) of every registered method, plus VTW at the calibrated K"
-"$HIMAP" demo --model "$MODEL" --n "$N_EVAL" --methods "dense,himap,fastv,random,vtw$CALIBRATED,visipruner,pyramiddrop,dart" \
+echo "== methods: defaults_for(30) and budgets(30) of the papers' methods and random, plus VTW at the calibrated K"
+"$HIMAP" demo --model "$MODEL" --n "$N_EVAL" --methods "dense,himap,fastv,random,vtw$CALIBRATED,visipruner" \
     --budgets all --by-family --out "$OUT/methods"
 echo "done: $OUT"

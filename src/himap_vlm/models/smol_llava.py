@@ -51,6 +51,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -324,7 +325,9 @@ def assemble(parts_dir: Path, out_dir: Path, gguf: Path | None = None) -> Path:
         from peft import PeftModel
 
         load_parts(model, parts_dir)  # vision side and new rows first (outside peft's wrapper)
-        peft_model = PeftModel.from_pretrained(model, str(parts_dir), is_trainable=False)
+        with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(parts_dir), is_trainable=False)
         model = peft_model.merge_and_unload()
     else:
         load_parts(model, parts_dir)
