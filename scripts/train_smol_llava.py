@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from training_common import log, record_validation, save_checkpoint
 
 from himap_vlm.apps.data.synthetic import (
     COLORS,
@@ -162,11 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--families: unknown famil(ies) {sorted(bad)}")
     return args
-
-
-def log(msg: str) -> None:
-    """Print a timestamped line and flush."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,13 +490,6 @@ def answer_accuracy(
 # ----------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (temporary file + rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def lr_factor(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine decay to ``--min-lr-ratio`` at ``--max-steps``."""
     if step < args.warmup:
@@ -697,12 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             evals += 1
             if evals % args.blank_every == 0 or acc["all"] >= args.target:
                 entry["val_blank"] = answer_accuracy(llava, processor, val, bf16=args.bf16, blank=True)
-            history.append(entry)
-            with open(args.out_dir / "history.jsonl", "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-            fam = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
-            blank = f" | blank all={entry['val_blank']['all']:.3f}" if "val_blank" in entry else ""
-            log(f"VAL step {step}: {fam}{blank} ({time.perf_counter() - te:.0f} s)")
+            record_validation(args.out_dir, history, entry, time.perf_counter() - te)
             if acc["all"] > best:
                 best = acc["all"]
                 save_parts(model, processor, args.out_dir / "best", info({"val": acc}))

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from training_common import log, record_validation, save_checkpoint
 
 from himap_vlm.apps.data.synthetic import (
     COLORS,
@@ -613,13 +614,6 @@ def answer_accuracy(
 # ----------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (temporary file + rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def save_pretrained(model, processor, out: Path, info: dict[str, Any]) -> None:
     """``save_pretrained`` of model (safetensors) and processor, plus ``training_info.json``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -677,11 +671,6 @@ def init_from(model, path: Path, spec: TrainedTinyLlavaSpec) -> dict[str, Any] |
     log(f"initialised from {path} (its step {info.get('step')}, val {info.get('val')})")
     return {"init_from": str(path), "step": info.get("step"), "train_minutes": info.get("train_minutes"),
             "vision_pretraining": info.get("vision_pretraining")}  # fmt: skip
-
-
-def log(msg: str) -> None:
-    """Print a timestamped line and flush."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,12 +834,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"step": step, "train_minutes": round(elapsed / 60, 2), "val": acc}
             if step % (4 * args.eval_every) == 0 or acc["all"] >= args.target:
                 entry["val_blank"] = answer_accuracy(model, processor, val, blank=True)
-            history.append(entry)
-            with open(args.out_dir / "history.jsonl", "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
-            fam = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
-            blank = f" | blank all={entry['val_blank']['all']:.3f}" if "val_blank" in entry else ""
-            log(f"VAL step {step}: {fam}{blank} ({time.perf_counter() - te:.0f} s)")
+            record_validation(args.out_dir, history, entry, time.perf_counter() - te)
             if acc["all"] > best:
                 best = acc["all"]
                 save_pretrained(model, processor, args.out_dir / "best", info({"val": acc}))
