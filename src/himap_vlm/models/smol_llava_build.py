@@ -16,6 +16,8 @@ from himap_vlm.core import contract
 from himap_vlm.models.smol_llava import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
+    CHAT_BOS,
+    CHAT_EOS,
     CHAT_TEMPLATE,
     CHAT_TEMPLATE_FILE,
     GGUF_DISTRIBUTION,
@@ -96,8 +98,9 @@ def build_tokenizer(base_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     Returns
     -------
     tokenizer
-        ``<image>`` appended as a special token (id = the base vocabulary size, 49152), left
-        padding (pad = ``<|im_end|>``, as SmolLM2), :data:`CHAT_TEMPLATE`, and the declared
+        ``<image>`` appended as a special token (id = the base vocabulary size, 49152), BOS
+        ``<|im_start|>``, EOS and pad ``<|im_end|>`` (as SmolLM2-Instruct's chat format), left
+        padding, :data:`CHAT_TEMPLATE`, and the declared
         question convention ``"plain"``.
     """
     tok = base_tokenizer
@@ -105,8 +108,15 @@ def build_tokenizer(base_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tok.padding_side = "left"
     tok.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config.json
-    if tok.pad_token is None:  # pragma: no cover  (SmolLM2's GGUF sets it)
-        tok.pad_token = tok.eos_token
+    # SmolLM2-Instruct ends every turn with <|im_end|>: the answers were trained to stop there. Set
+    # explicitly: the GGUF conversion of transformers 5.10 reads <|im_start|> as the EOS token and
+    # no pad token (5.24: <|im_end|> for both), and generation must not depend on that.
+    for name in (CHAT_BOS, CHAT_EOS):
+        if name not in tok.get_vocab():
+            raise ValueError(f"the GGUF tokenizer has no {name!r}: not SmolLM2-Instruct's vocabulary? ({INSTALL_COMMAND})")
+    tok.bos_token = CHAT_BOS
+    tok.eos_token = CHAT_EOS
+    tok.pad_token = CHAT_EOS
     tok.chat_template = CHAT_TEMPLATE
     # Trained on the benchmark's bare questions: no task instruction appended (saved in
     # tokenizer_config.json; see himap_vlm.apps.prompting.declared_question_convention).
