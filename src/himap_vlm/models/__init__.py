@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["NAMED_MODELS", "named_model_path", "resolve_model"]
+__all__ = ["NAMED_MODELS", "named_model", "named_model_path", "resolve_model"]
 
 
 def _tiny_llava() -> Path:
@@ -38,6 +38,17 @@ NAMED_MODELS: dict[str, Callable[[], Path]] = {"tiny-llava": _tiny_llava, "smol-
 """Model names -> a function returning the model's local ``save_pretrained`` directory."""
 
 
+def _key(name: str | Path) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def named_model(path_or_name: str | Path) -> str | None:
+    """The canonical name (``tiny-llava``, ``smol-llava``) if ``path_or_name`` names a named model
+    rather than an existing path, else ``None``."""
+    key = _key(path_or_name)
+    return key if key in NAMED_MODELS and not Path(str(path_or_name)).exists() else None
+
+
 def named_model_path(name: str) -> Path:
     """The local directory of a named model (``tiny-llava``, ``smol-llava``).
 
@@ -48,7 +59,7 @@ def named_model_path(name: str) -> Path:
     FileNotFoundError
         If the model is not available in this build (or cannot be assembled).
     """
-    key = name.strip().lower().replace("_", "-")
+    key = _key(name)
     if key not in NAMED_MODELS:
         raise ValueError(f"unknown model name {name!r}; named models: {', '.join(NAMED_MODELS)}")
     return NAMED_MODELS[key]()
@@ -56,8 +67,5 @@ def named_model_path(name: str) -> Path:
 
 def resolve_model(path_or_name: str | Path) -> str:
     """What to hand ``from_pretrained``: a named model's directory, else ``path_or_name`` unchanged."""
-    text = str(path_or_name)
-    key = text.strip().lower().replace("_", "-")
-    if key in NAMED_MODELS and not Path(text).exists():
-        return str(named_model_path(key))
-    return text
+    key = named_model(path_or_name)
+    return str(named_model_path(key)) if key is not None else str(path_or_name)

@@ -134,6 +134,7 @@ def demo_command(
     )
     from himap_vlm.apps.eval.prompts import INSTRUCTION_MODES
     from himap_vlm.core.methods.spec import MethodSpecError
+    from himap_vlm.models import named_model
 
     embedded = model is None
     if model is None:
@@ -147,7 +148,7 @@ def demo_command(
     try:  # what the files can tell, before the weights are loaded
         check_output_dir(out)
         path = Path(resolve_model_path(model)) if model is not None else path
-        named = model.strip().lower().replace("-", "_") if model is not None and str(path) != model else ""
+        named = (named_model(model) or "").replace("-", "_") if model is not None else ""
         if not path.exists():
             fail(f"model path {str(path)!r} does not exist")
         num_layers = model_depth(model_config(str(path)))

@@ -118,6 +118,7 @@ def eval_command(
     from himap_vlm.apps.eval.prompts import INSTRUCTION_MODES
     from himap_vlm.apps.eval.runner import evaluate
     from himap_vlm.core.methods.spec import MethodSpecError, parse_methods
+    from himap_vlm.models import named_model
 
     # Everything the files can tell is checked before the model's weights are loaded.
     try:
@@ -132,8 +133,8 @@ def eval_command(
         parse_methods(methods, method_args)  # syntax, names, parameters
         check_output_dir(out)
         source = resolve_model_path(model)
-        if model_name is None and source != model:  # a named model: results under its name, not its cache folder
-            model_name = model.strip().lower().replace("-", "_")
+        if model_name is None and named_model(model):  # results under its name, not its cache folder
+            model_name = named_model(model).replace("-", "_")
         num_layers = model_depth(model_config(source))
         specs = parse_methods(methods, method_args, num_layers=num_layers)  # defaults_for(L), fit
     except (MethodSpecError, PreflightError) as exc:
