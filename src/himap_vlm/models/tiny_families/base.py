@@ -189,10 +189,9 @@ class TinyFamily:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def _llama(hidden: int = 48, layers: int = 5, heads: int = 4, kv: int = 2, **extra: Any):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def _decoder(config_class: Any, hidden: int, layers: int, heads: int, kv: int, **extra: Any):
+    """A tiny decoder config of ``config_class`` on the shared test vocabulary."""
+    return config_class(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -206,23 +205,15 @@ def _llama(hidden: int = 48, layers: int = 5, heads: int = 4, kv: int = 2, **ext
         tie_word_embeddings=False,
         **extra,
     )
+
+
+def _llama(hidden: int = 48, layers: int = 5, heads: int = 4, kv: int = 2, **extra: Any):
+    from transformers import LlamaConfig
+
+    return _decoder(LlamaConfig, hidden, layers, heads, kv, **extra)
 
 
 def _qwen2(hidden: int = 48, layers: int = 5, heads: int = 4, kv: int = 2, **extra: Any):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        use_sliding_window=False,
-        tie_word_embeddings=False,
-        **extra,
-    )
+    return _decoder(Qwen2Config, hidden, layers, heads, kv, use_sliding_window=False, **extra)
